@@ -1,0 +1,105 @@
+"""`build_*` functions: explicit arguments in, ready objects out. The CLI calls them with values
+from the composed config; tests and notebooks call them directly."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from contrastive.data.pipeline import ShardDataset
+from contrastive.data.shards import DataError, list_shards
+from contrastive.loss import ContrastiveLoss, resolve_pairs
+from contrastive.modalities.base import MODALITIES, ConfigError, Modality, build_modality
+from contrastive.model import ContrastiveModel, ContrastiveObjective
+from contrastive.optim import param_groups
+
+log = logging.getLogger("contrastive")
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Imports user modules (e.g. ones that register a modality) before anything is built."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports: cannot import {name!r}: {e}") from e
+
+
+def build_modalities(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Modality]:
+    """The enabled modalities, each built from its registered class and `settings[name]`."""
+    if len(names) < 2:
+        raise ConfigError(f"modalities: {list(names)}: at least two modalities are needed for a contrastive loss")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"modalities: {list(names)} lists a modality twice")
+    unknown = [n for n in names if n not in MODALITIES]
+    if unknown:
+        raise ConfigError(f"modalities: {unknown} not registered; registered: {sorted(MODALITIES)}")
+    return {n: build_modality(n, **dict(settings.get(n) or {})) for n in names}
+
+
+def build_objective(
+    modalities: Mapping[str, Modality],
+    *,
+    embed_dim: int,
+    pairs: Any = "all",
+    temperature: float = 0.07,
+    learnable_temperature: bool = True,
+    max_logit_scale: float = 100.0,
+    pair_weights: Mapping[str, float] | None = None,
+) -> ContrastiveObjective:
+    model = ContrastiveModel(modalities, embed_dim)
+    loss = ContrastiveLoss(
+        resolve_pairs(pairs, list(modalities)),
+        temperature=temperature,
+        learnable=learnable_temperature,
+        max_logit_scale=max_logit_scale,
+        weights=pair_weights,
+    )
+    return ContrastiveObjective(model, loss)
+
+
+def build_optimizer(
+    module: torch.nn.Module,
+    *,
+    optimizer: Callable[..., torch.optim.Optimizer],
+    scheduler: Callable[..., Any] | None,
+    total_steps: int,
+) -> tuple[torch.optim.Optimizer, Any]:
+    """`optimizer` and `scheduler` are partials (Hydra `_partial_: true`); they receive the parameter
+    groups (no weight decay on biases, norms, embeddings, temperatures) and the run's length."""
+    weight_decay = getattr(optimizer, "keywords", {}).get("weight_decay", 0.0)
+    opt = optimizer(param_groups(module, weight_decay))
+    sched = scheduler(opt, total_steps=total_steps) if scheduler is not None else None
+    return opt, sched
+
+
+def build_dataset(
+    path: str,
+    modalities: Mapping[str, Modality],
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ShardDataset:
+    shards = list_shards(path)
+    dataset = ShardDataset(
+        shards, modalities, batch_size=batch_size, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
+        rank=rank, world_size=world_size, num_workers=num_workers,
+    )
+    workers = world_size * max(num_workers, 1)
+    if len(shards) < workers:
+        log.info("%s: %d shards for %d ranks x workers: workers share shards (spans of samples)",
+                 path, len(shards), workers)
+    if dataset.total < workers * batch_size and train:
+        log.warning("%s: %d samples fill less than one batch per worker (%d workers x %d)", path,
+                    dataset.total, workers, batch_size)
+    if not train and dataset.total == 0:
+        raise DataError(f"{path}: the eval set is empty")
+    return dataset

@@ -1,0 +1,175 @@
+"""`contrastive-train`: the Hydra application that trains, evaluates, checkpoints and exports.
+
+    contrastive-train experiment=demo
+    contrastive-train experiment=demo modalities=[image,text] loss.temperature.learnable=false
+    contrastive-train experiment=demo hydra.run.dir=runs/mine resume=latest
+    torchrun --nproc_per_node 2 -m contrastive.cli.train experiment=demo
+
+This is the only place that reads the composed config; everything below it takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from contrastive.builders import build_dataset, build_modalities, build_objective, build_optimizer, import_modules
+from contrastive.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from contrastive.config import register_configs, validate
+from contrastive.data.pipeline import batches
+from contrastive.distributed import DistInfo, barrier, init_distributed
+from contrastive.evaluate import compute_metrics, embed_dataset, format_table
+from contrastive.export import export_model
+from contrastive.tracking import MetricsLogger
+from contrastive.train import TrainState, autocast_for, train_loop
+
+log = logging.getLogger("contrastive")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+register_configs()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Trains as `cfg` says, in `run_dir`; returns the final evaluation metrics (empty without eval data)."""
+    validate(cfg)
+    import_modules(cfg.imports)
+    dist = init_distributed(cfg.trainer.device)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    torch.manual_seed(cfg.trainer.seed)
+
+    modalities = build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality, resolve=True))
+    objective = build_objective(
+        modalities,
+        embed_dim=cfg.model.embed_dim,
+        pairs=OmegaConf.to_container(cfg.loss.pairs) if OmegaConf.is_config(cfg.loss.pairs) else cfg.loss.pairs,
+        temperature=cfg.loss.temperature.init,
+        learnable_temperature=cfg.loss.temperature.learnable,
+        max_logit_scale=cfg.loss.temperature.max_logit_scale,
+        pair_weights=cfg.loss.weights,
+    ).to(dist.device)
+    optimizer, scheduler = build_optimizer(
+        objective,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler else None,
+        total_steps=cfg.trainer.max_steps,
+    )
+    data = partial(build_dataset, modalities=modalities, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
+                   rank=dist.rank, world_size=dist.world_size)
+    train_set = data(cfg.data.train, batch_size=cfg.data.batch_size, train=True, shuffle_buffer=cfg.data.shuffle_buffer)
+    eval_set = data(cfg.data.eval, batch_size=cfg.data.eval_batch_size, train=False) if cfg.data.eval else None
+
+    state = TrainState()
+    checkpoint = resolve_resume(cfg.resume, run_dir)
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint)
+        objective.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        state = TrainState.from_dict(saved["state"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step,
+                 state.position.epoch, state.position.batch)
+
+    model = objective
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if dist.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    logger = MetricsLogger(run_dir, enabled=dist.is_main, wandb_mode=cfg.logger.wandb, project=cfg.logger.project,
+                           tensorboard=cfg.logger.tensorboard, config=config)
+    autocast = autocast_for(cfg.trainer.precision, dist.device)
+
+    def evaluate(step: int) -> dict[str, float]:
+        embedded = embed_dataset(objective.model, eval_set, device=dist.device,
+                                 max_samples=cfg.eval.max_samples, autocast=autocast)
+        metrics = compute_metrics(objective.model, embedded, prompts=list(cfg.eval.prompts),
+                                  text_modality=cfg.eval.text_modality)
+        if dist.is_main:
+            log.info("evaluation at step %d on %s\n%s", step, cfg.data.eval, format_table(metrics))
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def save(state: TrainState) -> None:
+        if dist.is_main:
+            save_checkpoint(run_dir, state.step, {
+                "model": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state(),
+                "state": state.to_dict(),
+                "config": config,
+            }, keep_last=cfg.trainer.keep_last)
+        barrier()
+
+    state = train_loop(
+        model=model,
+        parameters=[p for p in objective.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=batches(train_set, state.position, pin_memory=dist.device.type == "cuda"),
+        state=state,
+        max_steps=cfg.trainer.max_steps,
+        device=dist.device,
+        autocast=autocast,
+        grad_clip=cfg.optim.grad_clip,
+        log_every=cfg.trainer.log_every,
+        eval_every=cfg.trainer.eval_every,
+        save_every=cfg.trainer.save_every,
+        evaluate=evaluate if eval_set is not None else None,
+        save=save,
+        logger=logger,
+        progress=cfg.trainer.progress,
+    )
+    save(state)
+    metrics = evaluate(state.step) if eval_set is not None else {}
+    logger.log(state.step, metrics)
+    logger.close()
+    if dist.is_main:
+        _report(cfg, run_dir, objective, state, metrics, dist)
+    return metrics
+
+
+def _report(cfg: DictConfig, run_dir: Path, objective: Any, state: TrainState, metrics: dict[str, float],
+            dist: DistInfo) -> None:
+    bad = {k: v for k, v in state.counts.items() if k.startswith("bad/")}
+    log.info("data: %d samples trained on; bad input skipped and counted: %s", state.counts.get("samples", 0),
+             bad or "none")
+    if cfg.export:
+        out = export_model(
+            objective.model,
+            run_dir / "export",
+            logit_scales={k: float(v.detach()) for k, v in objective.loss.scales().items()},
+            metrics={k.removeprefix("eval/"): v for k, v in metrics.items()},
+            info={"steps": state.step, "train_data": cfg.data.train, "eval_data": cfg.data.eval,
+                  "global_batch_size": cfg.data.batch_size * dist.world_size, "epochs_seen": state.position.epoch,
+                  "samples_seen": state.counts.get("samples", 0)},
+            prompts=list(cfg.eval.prompts),
+        )
+        log.info("exported to %s", out)
+    log.info("run directory: %s", run_dir)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

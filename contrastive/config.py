@@ -1,0 +1,110 @@
+"""The schema of `contrastive-train`'s configuration, registered with Hydra's ConfigStore.
+
+`configs/train.yaml` lists `train_schema` first in its defaults, so every YAML file and every
+command-line override is checked against these dataclasses: a misspelt key fails at composition with
+its full name. Nodes that are instantiated (`optim.optimizer`, `optim.scheduler`) and the per-modality
+settings (`modality.<name>`, checked against the modality's own dataclass) are free-form here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # a dataset directory: .tar shards + sizes.json
+    eval: Optional[str] = None  # held-out dataset directory for evaluation
+    batch_size: int = 64  # per rank
+    eval_batch_size: int = 128
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
+    shuffle_buffer: int = 1000  # samples
+
+
+@dataclass
+class TemperatureConfig:
+    init: float = 0.07
+    learnable: bool = True
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class LossConfig:
+    pairs: Any = "all"  # all | anchor:<modality> | [[a, b], ...]
+    weights: Dict[str, float] = field(default_factory=dict)  # "<a>-<b>": weight (default 1)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Any = MISSING  # _target_ + _partial_: called with the parameter groups
+    scheduler: Any = None  # _target_ + _partial_: called with (optimizer, total_steps=...)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16
+    threads: int = 0  # torch intra-op threads per rank; 0 keeps torch's default
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 evaluates at the end only
+    save_every: int = 0  # steps; 0 saves at the end only
+    keep_last: int = 2  # checkpoints kept
+    progress: bool = True  # progress bar on the main rank
+
+
+@dataclass
+class EvalConfig:
+    # Zero-shot class prompts; {label} is replaced by each class name found in the eval data.
+    prompts: List[str] = field(default_factory=lambda: ["a photo of {label}", "{label}"])
+    text_modality: str = "text"
+    max_samples: int = 0  # 0 = the whole eval set
+
+
+@dataclass
+class LoggerConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "contrastive"
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    modalities: List[str] = field(default_factory=lambda: ["image", "audio", "text"])
+    modality: Dict[str, Any] = field(default_factory=dict)  # <name>: that modality's dataclass fields
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    imports: List[str] = field(default_factory=list)  # modules to import first (your own modalities)
+    resume: Optional[str] = None  # latest | a checkpoint directory
+    export: bool = True  # write export/ at the end of training
+
+
+def validate(cfg: Any) -> None:
+    """Rejects keys the schema does not know, also those added with Hydra's `+` (which bypasses the
+    check at composition); the error names the key."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

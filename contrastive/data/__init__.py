@@ -1,0 +1,6 @@
+"""Data: the shard format, the loader pipeline, and the decoding of raw samples into dict batches."""
+
+from contrastive.data.pipeline import DataPosition, ShardDataset, batches, make_loader
+from contrastive.data.shards import DataError, Shard, ShardWriter, list_shards
+
+__all__ = ["DataError", "DataPosition", "Shard", "ShardDataset", "ShardWriter", "batches", "list_shards", "make_loader"]

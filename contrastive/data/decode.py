@@ -1,0 +1,118 @@
+"""Raw samples -> dict batches: decoding, per-modality transforms, masks, and bad-input counters.
+
+Bad input never stops a run and is never dropped silently: a modality that fails to decode is left
+out of its sample (the rest of the sample is kept) and counted under `bad/<modality>`; a sample with
+nothing usable left is counted under `bad/empty_sample`; slots a broken shard could not deliver are
+counted under the shard error's name. The first few occurrences of each kind are logged with shard
+and key. Counters travel with each batch, so the trainer sums exact totals from every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import zlib
+from collections import Counter
+from typing import Any, Mapping
+
+import torch
+
+from contrastive.modalities.base import MODALITIES, Modality
+
+log = logging.getLogger("contrastive.data")
+
+METADATA_EXTENSIONS = ("json",)
+WARN_FIRST = 5  # warnings per kind of bad input and worker; the counters keep counting after that
+
+
+def known_extensions() -> set[str]:
+    """Every extension some registered modality (or the metadata) reads."""
+    exts = set(METADATA_EXTENSIONS)
+    for cls in MODALITIES.values():
+        exts.update(cls.extensions)
+    return exts
+
+
+class BatchDecoder:
+    """Turns a group of raw sample slots into one dict batch of fixed size.
+
+    A slot is a raw sample (`__key__`, `__shard__`, extension -> bytes), an error slot
+    (`__error__`: what went wrong reading the shard) or None (padding at the end of an epoch)."""
+
+    def __init__(self, modalities: Mapping[str, Modality], *, train: bool, seed: int = 0):
+        self.modalities = dict(modalities)
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.known = known_extensions()
+        self.warned: Counter = Counter()
+
+    def warn(self, kind: str, shard: str, key: str, reason: str) -> None:
+        self.warned[kind] += 1
+        if self.warned[kind] <= WARN_FIRST:
+            more = " (further ones are counted, not logged)" if self.warned[kind] == WARN_FIRST else ""
+            log.warning("skipped %s: shard %s, key %s: %s%s", kind, shard, key, reason, more)
+
+    def decode_sample(self, sample: dict[str, Any], counts: Counter) -> tuple[dict[str, torch.Tensor], str | None]:
+        shard, key = sample.get("__shard__", "?"), sample.get("__key__", "?")
+        unknown = sorted(ext for ext in sample if not ext.startswith("__") and ext not in self.known)
+        if unknown:
+            counts["bad/unknown_extension"] += 1
+            self.warn("unknown_extension", shard, key, f"no modality reads {unknown}")
+        label = None
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"].decode("utf-8"))
+                label = meta.get("label") if isinstance(meta, dict) else None
+                label = None if label is None else str(label)
+            except ValueError as e:
+                counts["bad/json"] += 1
+                self.warn("json", shard, key, repr(e))
+        # Augmentation draws from its own generator seeded by (seed, epoch, key): a resumed run
+        # repeats the interrupted run's crops exactly, and the caller's random state is untouched.
+        seed = zlib.crc32(f"{self.seed}/{self.epoch}/{key}".encode())
+        row: dict[str, torch.Tensor] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            for name, modality in self.modalities.items():
+                ext = next((e for e in modality.extensions if e in sample), None)
+                if ext is None:
+                    continue
+                try:
+                    row[name] = modality.preprocess(modality.decode(sample[ext], ext), train=self.train)
+                except Exception as e:  # noqa: BLE001 - any decoder failure is bad input, not a crash
+                    counts[f"bad/{name}"] += 1
+                    self.warn(name, shard, key, f"{ext}: {type(e).__name__}: {e}")
+        if not row:
+            counts["bad/empty_sample"] += 1
+            self.warn("empty_sample", shard, key, "no usable modality")
+        return row, label
+
+    def __call__(self, slots: list[dict[str, Any] | None]) -> dict[str, Any]:
+        counts: Counter = Counter()
+        rows, keys, labels = [], [], []
+        for slot in slots:
+            if slot is None:
+                row, key, label = {}, "", None
+            elif "__error__" in slot:
+                counts[f"bad/{slot['__error__']}"] += 1
+                row, key, label = {}, "", None
+            else:
+                row, label = self.decode_sample(slot, counts)
+                key = slot["__key__"]
+                counts["samples"] += 1 if row else 0
+            rows.append(row)
+            keys.append(key if row else "")
+            labels.append(label if row else None)
+        batch: dict[str, Any] = {"mask": {}}
+        for name, modality in self.modalities.items():
+            present = [name in row for row in rows]
+            counts[f"present/{name}"] += sum(present)
+            batch[name] = torch.stack([row[name] if name in row else modality.empty() for row in rows])
+            batch["mask"][name] = torch.tensor(present, dtype=torch.bool)
+        batch["__key__"] = keys
+        batch["label"] = labels
+        batch["counts"] = dict(counts)
+        return batch

@@ -1,0 +1,122 @@
+"""Audio: soundfile decoding, 16 kHz mono clips, log-mel filterbanks, and a ViT over spectrogram patches.
+
+The features follow ImageBind and AST: Kaldi-style 128-bin log-mel filterbanks (25 ms window, 10 ms
+hop, Hann window) from torchaudio, normalised with a fixed mean and standard deviation, fed as a
+one-channel image of shape [n_mels, frames] to timm's vision transformer.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+from torch import nn
+
+from contrastive.modalities.base import Modality, register_modality
+
+
+@register_modality("audio")
+@dataclass
+class Audio(Modality):
+    extensions = ("flac", "wav", "mp3", "ogg")
+
+    sample_rate: int = 16_000
+    clip_seconds: float = 2.0
+    n_mels: int = 128
+    frame_shift_ms: float = 10.0
+    frame_length_ms: float = 25.0
+    # ImageBind's normalisation of the log-mel filterbanks.
+    norm_mean: float = -4.268
+    norm_std: float = 9.138
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    # Clips shorter than this (after decoding) are rejected as truncated or empty.
+    min_seconds: float = 0.05
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def frames(self) -> int:
+        """Time frames of one clip, rounded up to whole patches."""
+        hop = self.sample_rate * self.frame_shift_ms / 1000
+        win = self.sample_rate * self.frame_length_ms / 1000
+        raw = 1 + int((self.clip_samples - win) // hop)
+        return math.ceil(raw / self.patch_size) * self.patch_size
+
+    def decode(self, data: bytes, extension: str) -> torch.Tensor:
+        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return self._to_mono_16k(wave, rate)
+
+    def load(self, item: Any) -> torch.Tensor:
+        if isinstance(item, tuple) and len(item) == 2:  # (waveform, sample rate)
+            wave, rate = item
+            wave = np.asarray(wave, dtype=np.float32)
+            return self._to_mono_16k(wave.T if wave.ndim == 2 else wave[:, None], rate)
+        if isinstance(item, (torch.Tensor, np.ndarray)):  # a mono waveform at self.sample_rate
+            return torch.as_tensor(item, dtype=torch.float32).reshape(-1)
+        return super().load(item)
+
+    def _to_mono_16k(self, wave: np.ndarray, rate: int) -> torch.Tensor:
+        """[samples, channels] at `rate` -> mono float32 [samples] at self.sample_rate."""
+        mono = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1)))
+        if rate != self.sample_rate:
+            from torchaudio.functional import resample
+
+            mono = resample(mono, rate, self.sample_rate)
+        if mono.numel() < self.min_seconds * self.sample_rate:
+            raise ValueError(f"audio of {mono.numel() / self.sample_rate:.3f} s is shorter than min_seconds")
+        if not torch.isfinite(mono).all():
+            raise ValueError("audio holds non-finite samples")
+        return mono
+
+    def preprocess(self, value: torch.Tensor, *, train: bool) -> torch.Tensor:
+        from torchaudio.compliance.kaldi import fbank
+
+        n = self.clip_samples
+        if value.numel() > n:  # a random window in training, the first window otherwise
+            start = int(torch.randint(0, value.numel() - n + 1, ()).item()) if train else 0
+            value = value[start : start + n]
+        elif value.numel() < n:
+            value = torch.nn.functional.pad(value, (0, n - value.numel()))
+        mel = fbank(
+            value[None],
+            htk_compat=True,
+            sample_frequency=self.sample_rate,
+            use_energy=False,
+            window_type="hanning",
+            num_mel_bins=self.n_mels,
+            dither=0.0,
+            frame_shift=self.frame_shift_ms,
+            frame_length=self.frame_length_ms,
+        )  # [frames, n_mels]
+        mel = (mel - self.norm_mean) / (2 * self.norm_std)
+        mel = torch.nn.functional.pad(mel, (0, 0, 0, self.frames - mel.shape[0]))
+        return mel.T[None].contiguous()  # [1, n_mels, frames]
+
+    def empty(self) -> torch.Tensor:
+        return torch.zeros(1, self.n_mels, self.frames)
+
+    def build_encoder(self, embed_dim: int) -> nn.Module:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(
+            img_size=(self.n_mels, self.frames),
+            patch_size=self.patch_size,
+            in_chans=1,
+            num_classes=embed_dim,  # the head is the projection into the shared space
+            embed_dim=self.width,
+            depth=self.layers,
+            num_heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+            global_pool="token",
+        )

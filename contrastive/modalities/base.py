@@ -1,0 +1,96 @@
+"""The modality contract and its registry.
+
+A modality is one file: a dataclass that subclasses `Modality`, registers itself by name and says
+which shard keys hold it, how their bytes decode, how a decoded value becomes a model input, and
+which encoder embeds it. The rest of the code never names a modality; it loops over dicts keyed by
+modality name.
+
+    @register_modality("depth")
+    @dataclass
+    class Depth(Modality):
+        extensions = ("depth.npy",)
+        size: int = 32
+        ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+MODALITIES: dict[str, type["Modality"]] = {}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with the key that holds it in the message."""
+
+
+class Modality:
+    """Base class of every modality. Subclasses are dataclasses whose fields are their config."""
+
+    name: ClassVar[str]
+    # WebDataset keys (file extensions inside a sample) that hold this modality, in order of preference.
+    extensions: ClassVar[tuple[str, ...]]
+
+    def decode(self, data: bytes, extension: str) -> Any:
+        """Bytes of one shard member -> a decoded value. Raises on corrupt or unusable input."""
+        raise NotImplementedError
+
+    def load(self, item: Any) -> Any:
+        """A user's value (a file path, bytes or an already decoded object) -> a decoded value."""
+        if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+            if isinstance(item, bytes):
+                return self.decode(item, self.extensions[0])
+            path = str(item)
+            with open(path, "rb") as f:
+                return self.decode(f.read(), path.rsplit(".", 1)[-1].lower())
+        return item
+
+    def preprocess(self, value: Any, *, train: bool) -> torch.Tensor:
+        """Decoded value -> the model input of one sample (train=True applies augmentation)."""
+        raise NotImplementedError
+
+    def empty(self) -> torch.Tensor:
+        """Input for a row that lacks this modality; its embedding is masked out of every loss."""
+        raise NotImplementedError
+
+    def build_encoder(self, embed_dim: int) -> nn.Module:
+        """The tower: a batch of inputs -> [batch, embed_dim] (before L2 normalisation)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """The fields that rebuild this modality (stored in checkpoints and exports)."""
+        return dataclasses.asdict(self)
+
+
+def register_modality(name: str):
+    """Class decorator: registers a `Modality` dataclass under `name`."""
+
+    def register(cls: type[Modality]) -> type[Modality]:
+        if not (isinstance(cls, type) and issubclass(cls, Modality)):
+            raise TypeError(f"@register_modality({name!r}) needs a Modality subclass, got {cls!r}")
+        cls.name = name
+        MODALITIES[name] = cls
+        return cls
+
+    return register
+
+
+def build_modality(name: str, **kwargs: Any) -> Modality:
+    """An instance of the registered modality `name`, with a clear error for unknown names or keys."""
+    if name not in MODALITIES:
+        raise ConfigError(
+            f"unknown modality {name!r}; registered: {sorted(MODALITIES)}. "
+            "A modality defined in your own module is registered by importing it: imports=[your.module]"
+        )
+    cls = MODALITIES[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigError(
+            f"modality.{name}: unknown key(s) {unknown}; {cls.__name__} takes {sorted(known)}"
+        )
+    return cls(**kwargs)

@@ -1,0 +1,71 @@
+"""The multi-modal model: one tower per modality, each ending in a projection to the shared space.
+
+The model never names a modality: it holds a `ModuleDict` of encoders keyed by modality name and
+embeds whatever the input dict holds. `ContrastiveObjective` adds the loss (and its temperatures) so
+that one module, the one the training engine wraps, maps a batch to a loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from contrastive.loss import ContrastiveLoss
+from contrastive.modalities.base import Modality, build_modality
+
+
+class ContrastiveModel(nn.Module):
+    def __init__(self, modalities: Mapping[str, Modality], embed_dim: int):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.modalities = dict(modalities)
+        self.encoders = nn.ModuleDict({name: m.build_encoder(embed_dim) for name, m in self.modalities.items()})
+
+    @classmethod
+    def from_config(cls, modality_configs: Mapping[str, Mapping[str, Any]], embed_dim: int) -> "ContrastiveModel":
+        return cls({name: build_modality(name, **dict(kw)) for name, kw in modality_configs.items()}, embed_dim)
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this model (without weights): stored in checkpoints and exports."""
+        return {
+            "embed_dim": self.embed_dim,
+            "modalities": {name: m.config() for name, m in self.modalities.items()},
+        }
+
+    def encode(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        """[batch, ...] inputs of one modality -> [batch, embed_dim] unit-norm embeddings."""
+        return F.normalize(self.encoders[name](inputs), dim=-1)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {name: self.encode(name, batch[name]) for name in self.encoders if name in batch}
+
+    @torch.no_grad()
+    def embed(self, name: str, items: list[Any], batch_size: int = 64) -> torch.Tensor:
+        """Raw user inputs (paths, PIL images, waveforms, strings) -> unit-norm embeddings."""
+        modality = self.modalities[name]
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            inputs = torch.stack([modality.preprocess(modality.load(x), train=False) for x in chunk])
+            out.append(self.encode(name, inputs.to(device)).float().cpu())
+        self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+
+class ContrastiveObjective(nn.Module):
+    """Model + loss: batch dict -> (loss to backpropagate, metrics). The module a trainer wraps."""
+
+    def __init__(self, model: ContrastiveModel, loss: ContrastiveLoss):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        embeddings = self.model(batch)
+        return self.loss(embeddings, batch["mask"])

@@ -1,0 +1,1 @@
+"""Tools that make and check datasets in the shard format."""

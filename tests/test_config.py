@@ -1,0 +1,82 @@
+"""Every shipped config composes and instantiates; typos fail with the key's name."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONFIG_DIR, compose
+from contrastive.config import validate
+from contrastive.builders import build_modalities, build_objective, build_optimizer
+from contrastive.modalities import ConfigError
+
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_every_yaml_opens_with_its_command():
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
+        assert lines[0].startswith("# contrastive-"), f"{path} should open with the command that uses it"
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "modality"])
+def test_every_option_composes_and_builds(group):
+    for option in options(group):
+        cfg = compose(f"{group}={option}")
+        validate(cfg)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        modalities = build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality))
+        with torch.device("meta"):  # builds every tower at its configured size without allocating it
+            objective = build_objective(modalities, embed_dim=cfg.model.embed_dim, pairs=cfg.loss.pairs,
+                                        temperature=cfg.loss.temperature.init)
+        optimizer, scheduler = build_optimizer(
+            torch.nn.Linear(2, 2), optimizer=instantiate(cfg.optim.optimizer),
+            scheduler=instantiate(cfg.optim.scheduler), total_steps=cfg.trainer.max_steps)
+        assert set(objective.model.encoders) == set(cfg.modalities)
+        assert optimizer.param_groups[0]["weight_decay"] == cfg.optim.optimizer.weight_decay
+
+
+def test_modality_and_pair_choice_from_the_command_line():
+    cfg = compose("modalities=[image,text]", "loss.temperature.init=0.05", "loss.temperature.learnable=false")
+    modalities = build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality))
+    with torch.device("meta"):
+        objective = build_objective(modalities, embed_dim=16, pairs=cfg.loss.pairs,
+                                    temperature=cfg.loss.temperature.init,
+                                    learnable_temperature=cfg.loss.temperature.learnable)
+    assert list(objective.model.encoders) == ["image", "text"]
+    assert objective.loss.pairs == [("image", "text")]
+    assert not objective.loss.logit_scale["image-text"].requires_grad
+
+
+def test_misspelt_key_on_the_command_line_names_it():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("trainer.max_step=3")
+    assert "max_step" in str(err.value) or "max_step" in str(err.value.__cause__)
+
+
+def test_new_key_is_checked_against_the_schema():
+    cfg = compose("+trainer.max_stpes=3")  # `+` adds keys past Hydra's struct check...
+    with pytest.raises(Exception, match="max_stpes"):  # ...so the trainer validates before anything runs
+        validate(cfg)
+
+
+def test_misspelt_yaml_key_names_it(tmp_path: Path):
+    exp = tmp_path / "experiment"
+    exp.mkdir()
+    (exp / "typo.yaml").write_text("# @package _global_\n# contrastive-train experiment=typo\ntrainer:\n  max_stesp: 3\n")
+    with pytest.raises(Exception) as err:
+        compose("experiment=typo", f"hydra.searchpath=[file://{tmp_path}]")
+    assert "max_stesp" in str(err.value) + str(err.value.__cause__)
+
+
+def test_misspelt_modality_field_names_it():
+    cfg = compose("+modality.image.widht=64")
+    with pytest.raises(ConfigError, match="widht"):
+        build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality))

@@ -1,0 +1,114 @@
+"""Each built-in modality: decoding of every shard format, rejection of bad bytes, preprocessing,
+and its tower's output (shape, unit norm after the model)."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image as PILImage
+
+from contrastive.modalities import build_modality
+from contrastive.model import ContrastiveModel
+
+TINY = {
+    "image": dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+    "audio": dict(clip_seconds=1.0, n_mels=64, patch_size=16, width=64, layers=2, heads=2),
+    "text": dict(context_length=16, width=64, layers=2, heads=2),
+}
+
+
+def image_bytes(fmt: str, size=(40, 30)) -> bytes:
+    rng = np.random.default_rng(0)
+    img = PILImage.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def audio_bytes(fmt: str, seconds=0.5, rate=22050, channels=2) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * channels, axis=1).astype(np.float32)
+    buf = io.BytesIO()
+    soundfile.write(buf, wave, rate, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
+def test_image_decodes_every_format(fmt, ext):
+    image = build_modality("image", **TINY["image"])
+    decoded = image.decode(image_bytes(fmt), ext)
+    assert decoded.size == (40, 30) and decoded.mode == "RGB"
+    x = image.preprocess(decoded, train=False)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_image_rejects_corrupt_bytes():
+    image = build_modality("image", **TINY["image"])
+    data = image_bytes("PNG")
+    with pytest.raises(Exception):
+        image.decode(data[: len(data) // 2], "png")
+    with pytest.raises(Exception):
+        image.decode(b"not an image at all", "jpg")
+
+
+@pytest.mark.parametrize("fmt,ext", [("FLAC", "flac"), ("WAV", "wav"), ("OGG", "ogg"), ("MP3", "mp3")])
+def test_audio_decodes_every_format_to_16k_mono(fmt, ext):
+    audio = build_modality("audio", **TINY["audio"])
+    wave = audio.decode(audio_bytes(fmt), ext)
+    assert wave.ndim == 1 and wave.dtype == torch.float32
+    assert abs(wave.numel() - 8000) < 1200  # 0.5 s at 16 kHz (lossy codecs pad a little)
+    x = audio.preprocess(wave, train=True)
+    assert x.shape == (1, 64, audio.frames) and torch.isfinite(x).all()
+    assert audio.frames % audio.patch_size == 0
+
+
+def test_audio_rejects_truncated_and_empty():
+    audio = build_modality("audio", **TINY["audio"])
+    data = audio_bytes("FLAC")
+    with pytest.raises(Exception):
+        audio.decode(data[:100], "flac")
+    with pytest.raises(Exception):
+        audio.decode(b"RIFF\x00\x00", "wav")
+    with pytest.raises(ValueError, match="shorter"):
+        audio.decode(audio_bytes("WAV", seconds=0.01), "wav")
+
+
+def test_audio_crop_is_random_in_training_only():
+    audio = build_modality("audio", **TINY["audio"])
+    wave = torch.randn(16000 * 3)
+    assert torch.equal(audio.preprocess(wave, train=False), audio.preprocess(wave, train=False))
+    torch.manual_seed(0)
+    a = audio.preprocess(wave, train=True)
+    b = audio.preprocess(wave, train=True)
+    assert not torch.equal(a, b)
+
+
+def test_text_decodes_and_tokenizes():
+    text = build_modality("text", **TINY["text"])
+    assert text.decode("  the digit seven \n".encode(), "txt") == "the digit seven"
+    tokens = text.preprocess("the digit seven", train=False)
+    assert tokens.shape == (16,) and tokens.dtype == torch.long
+    assert tokens[0] == text.tokenizer.sot_token_id and text.tokenizer.eot_token_id in tokens.tolist()
+    with pytest.raises(ValueError, match="empty"):
+        text.decode(b"   ", "txt")
+    with pytest.raises(UnicodeDecodeError):
+        text.decode(b"\xff\xfe\xfa", "txt")
+
+
+def test_model_embeds_every_modality_to_unit_vectors():
+    torch.manual_seed(0)
+    modalities = {name: build_modality(name, **kw) for name, kw in TINY.items()}
+    model = ContrastiveModel(modalities, embed_dim=24)
+    batch = {name: torch.stack([m.empty()] * 3) for name, m in modalities.items()}
+    batch["image"] = torch.randn(3, 3, 32, 32)
+    out = model(batch)
+    for name in TINY:
+        assert out[name].shape == (3, 24)
+        assert torch.allclose(out[name].norm(dim=-1), torch.ones(3), atol=1e-5)
+    # Raw inputs through the same preprocessing: a caption, a PIL image, a (waveform, rate) pair.
+    assert model.embed("text", ["a caption"]).shape == (1, 24)
+    pil = PILImage.open(io.BytesIO(image_bytes("PNG")))
+    assert model.embed("image", [pil]).shape == (1, 24)
+    assert model.embed("audio", [(np.zeros(22050, dtype=np.float32) + 0.1, 22050)]).shape == (1, 24)
