@@ -11,7 +11,7 @@ import torch
 
 from contrastive.data.pipeline import ShardDataset
 from contrastive.data.shards import DataError, list_shards
-from contrastive.loss import ContrastiveLoss, resolve_pairs
+from contrastive.loss import ContrastiveLoss, Temperature, resolve_pairs
 from contrastive.modalities.base import MODALITIES, ConfigError, Modality, build_modality
 from contrastive.model import ContrastiveModel, ContrastiveObjective
 from contrastive.optim import param_groups
@@ -40,25 +40,43 @@ def build_modalities(names: Sequence[str], settings: Mapping[str, Mapping[str, A
     return {n: build_modality(n, **dict(settings.get(n) or {})) for n in names}
 
 
-def build_objective(
-    modalities: Mapping[str, Modality],
+def build_loss(
+    modality_names: Sequence[str],
     *,
-    embed_dim: int,
     pairs: Any = "all",
-    temperature: float = 0.07,
-    learnable_temperature: bool = True,
-    max_logit_scale: float = 100.0,
-    pair_weights: Mapping[str, float] | None = None,
-) -> ContrastiveObjective:
-    model = ContrastiveModel(modalities, embed_dim)
-    loss = ContrastiveLoss(
-        resolve_pairs(pairs, list(modalities)),
-        temperature=temperature,
-        learnable=learnable_temperature,
-        max_logit_scale=max_logit_scale,
-        weights=pair_weights,
+    kind: str = "infonce",
+    temperature: Mapping[str, Any] | None = None,
+    temperatures: Mapping[str, Mapping[str, Any]] | None = None,
+    weights: Mapping[str, float] | None = None,
+    tile_size: int = 0,
+    bias_init: float = -10.0,
+    label_aware: bool = False,
+) -> ContrastiveLoss:
+    """The loss over `pairs` of `modality_names`; temperatures are dicts of Temperature's fields."""
+    return ContrastiveLoss(
+        resolve_pairs(pairs, list(modality_names)),
+        kind=kind,
+        temperature=Temperature(**dict(temperature or {})),
+        temperatures={k: _temperature(f"loss.temperatures.{k}", v) for k, v in (temperatures or {}).items()},
+        weights=weights,
+        tile_size=tile_size,
+        bias_init=bias_init,
+        label_aware=label_aware,
     )
-    return ContrastiveObjective(model, loss)
+
+
+def _temperature(where: str, fields: Mapping[str, Any]) -> Temperature:
+    known = set(Temperature.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; a temperature takes {sorted(known)}")
+    return Temperature(**dict(fields))
+
+
+def build_objective(modalities: Mapping[str, Modality], *, embed_dim: int,
+                    loss: ContrastiveLoss | None = None) -> ContrastiveObjective:
+    """The towers of `modalities` and the loss (InfoNCE over all pairs unless given)."""
+    return ContrastiveObjective(ContrastiveModel(modalities, embed_dim), loss or build_loss(list(modalities)))
 
 
 def build_optimizer(

@@ -39,9 +39,15 @@ class TemperatureConfig:
 
 @dataclass
 class LossConfig:
+    kind: str = "infonce"  # infonce | siglip
     pairs: Any = "all"  # all | anchor:<modality> | [[a, b], ...]
     weights: Dict[str, float] = field(default_factory=dict)  # "<a>-<b>": weight (default 1)
-    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)  # every pair's default
+    # "<a>-<b>": that pair's own temperature fields (checked against Temperature when built)
+    temperatures: Dict[str, Any] = field(default_factory=dict)
+    tile_size: int = 0  # infonce: 0 = plain [local x global] logits; N = tiled in N x N blocks
+    bias_init: float = -10.0  # siglip: initial logit bias of every pair
+    label_aware: bool = False  # samples with the same json label are no negatives of each other
 
 
 @dataclass
@@ -54,6 +60,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
+    accumulate: int = 1  # batches per step, taken as one batch by the loss (cached features)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16

@@ -66,6 +66,10 @@ class ContrastiveObjective(nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Mapping[str, Any], embed_only: bool = False):
+        """(loss, metrics); with `embed_only`, the embeddings (for cached-feature accumulation, which
+        must still run the towers through the wrapping engine)."""
         embeddings = self.model(batch)
-        return self.loss(embeddings, batch["mask"])
+        if embed_only:
+            return embeddings
+        return self.loss(embeddings, batch["mask"], batch.get("label_id"))

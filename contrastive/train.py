@@ -10,14 +10,16 @@ import logging
 import math
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from contrastive.accumulate import cached_accumulation
 from contrastive.data.pipeline import DataPosition
-from contrastive.distributed import all_reduce_sum, is_main, world_size
+from contrastive.distributed import is_main, world_size
 from contrastive.optim import grad_norm
 from contrastive.tracking import MetricsLogger
 
@@ -81,6 +83,7 @@ def sum_counts(counts: Mapping[str, int]) -> Counter:
 def train_loop(
     *,
     model: nn.Module,
+    loss_fn: nn.Module,
     parameters: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -97,9 +100,11 @@ def train_loop(
     save: Callable[[TrainState], None],
     logger: MetricsLogger,
     progress: bool = True,
+    accumulate: int = 1,
     max_bad_steps: int = 10,
 ) -> TrainState:
-    """Trains `model` (an objective: batch -> (loss, logs)) from `state.step` to `max_steps`."""
+    """Trains `model` (an objective: batch -> (loss, logs), possibly wrapped by an engine) from
+    `state.step` to `max_steps`; each step takes `accumulate` batches as one (cached features)."""
     bar = None
     if progress and is_main():
         from tqdm import tqdm
@@ -111,15 +116,23 @@ def train_loop(
     model.train()
     while state.step < max_steps:
         t0 = time.perf_counter()
-        batch = next(batches)  # the loader's position advances with each batch handed out
+        # the loader's position advances with each batch handed out
+        micro = [next(batches) for _ in range(accumulate)]
         t_data = time.perf_counter() - t0
-        local_counts.update(batch.pop("counts"))
-        batch = to_device(batch, device)
+        for batch in micro:
+            local_counts.update(batch.pop("counts"))
+        micro = [to_device(batch, device) for batch in micro]
 
-        with autocast():
-            loss, logs = model(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if accumulate == 1:
+            with autocast():
+                loss, logs = model(micro[0])
+            loss.backward()
+        else:  # the loss sees all micro-batches at once (GradCache); see contrastive.accumulate
+            loss, logs = cached_accumulation(
+                lambda b: model(b, embed_only=True), loss_fn, micro, autocast=autocast,
+                replay_context=lambda i: model.no_sync() if i < accumulate - 1 and hasattr(model, "no_sync") else nullcontext(),
+            )
         norm = grad_norm(parameters)
         global_loss = sum(v for k, v in logs.items() if k.startswith("loss/"))
         if not (math.isfinite(float(global_loss)) and math.isfinite(float(norm))):
@@ -142,7 +155,7 @@ def train_loop(
             scheduler.step()
         state.step += 1
 
-        window["samples"] += len(batch["__key__"]) * world_size()
+        window["samples"] += sum(len(b["__key__"]) for b in micro) * world_size()
         window["time"] += time.perf_counter() - t0
         window["data_time"] += t_data
         window["steps"] += 1
@@ -175,7 +188,3 @@ def train_loop(
         bar.close()
     state.counts.update(sum_counts(local_counts))
     return state
-
-
-def global_mean(value: float) -> float:
-    return float(all_reduce_sum(torch.tensor(float(value)))) / world_size()

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, compose
 from contrastive.config import validate
-from contrastive.builders import build_modalities, build_objective, build_optimizer
+from contrastive.builders import build_loss, build_modalities, build_objective, build_optimizer
 from contrastive.modalities import ConfigError
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -34,8 +34,8 @@ def test_every_option_composes_and_builds(group):
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         modalities = build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality))
         with torch.device("meta"):  # builds every tower at its configured size without allocating it
-            objective = build_objective(modalities, embed_dim=cfg.model.embed_dim, pairs=cfg.loss.pairs,
-                                        temperature=cfg.loss.temperature.init)
+            loss = build_loss(list(modalities), **OmegaConf.to_container(cfg.loss, resolve=True))
+            objective = build_objective(modalities, embed_dim=cfg.model.embed_dim, loss=loss)
         optimizer, scheduler = build_optimizer(
             torch.nn.Linear(2, 2), optimizer=instantiate(cfg.optim.optimizer),
             scheduler=instantiate(cfg.optim.scheduler), total_steps=cfg.trainer.max_steps)
@@ -47,9 +47,8 @@ def test_modality_and_pair_choice_from_the_command_line():
     cfg = compose("modalities=[image,text]", "loss.temperature.init=0.05", "loss.temperature.learnable=false")
     modalities = build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality))
     with torch.device("meta"):
-        objective = build_objective(modalities, embed_dim=16, pairs=cfg.loss.pairs,
-                                    temperature=cfg.loss.temperature.init,
-                                    learnable_temperature=cfg.loss.temperature.learnable)
+        loss = build_loss(list(modalities), **OmegaConf.to_container(cfg.loss, resolve=True))
+        objective = build_objective(modalities, embed_dim=16, loss=loss)
     assert list(objective.model.encoders) == ["image", "text"]
     assert objective.loss.pairs == [("image", "text")]
     assert not objective.loss.logit_scale["image-text"].requires_grad
@@ -80,3 +79,17 @@ def test_misspelt_modality_field_names_it():
     cfg = compose("+modality.image.widht=64")
     with pytest.raises(ConfigError, match="widht"):
         build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality))
+
+
+def test_per_pair_settings_from_the_command_line():
+    cfg = compose("loss.pairs=anchor:image", "+loss.weights.image-audio=0.5",
+                  "+loss.temperatures.image-text={init: 0.05, learnable: false}", "loss.tile_size=256")
+    loss = build_loss(list(cfg.modalities), **OmegaConf.to_container(cfg.loss, resolve=True))
+    assert loss.pairs == [("image", "audio"), ("image", "text")]
+    assert loss.weights == {"image-audio": 0.5, "image-text": 1.0}
+    assert loss.scales()["image-text"].item() == pytest.approx(20.0)
+    assert not loss.logit_scale["image-text"].requires_grad and loss.logit_scale["image-audio"].requires_grad
+    assert loss.tile_size == 256
+    cfg = compose("+loss.temperatures.image-text={max_logit: 5}")
+    with pytest.raises(ConfigError, match=r"loss.temperatures.image-text: unknown key\(s\) \['max_logit'\]"):
+        build_loss(list(cfg.modalities), **OmegaConf.to_container(cfg.loss, resolve=True))

@@ -65,3 +65,16 @@ def test_standalone_eval_and_export(demo_run, demo_data, tmp_path):
     assert "image->text" in proc.stdout and (tmp_path / "m.json").exists()
     run_cli("contrastive-export", str(run_dir), str(tmp_path / "export"))
     assert (tmp_path / "export" / "config.json").exists()
+
+
+@pytest.mark.parametrize("options", [
+    ["loss=siglip", "trainer.accumulate=2"],
+    ["loss.tile_size=8", "loss.label_aware=true", "loss.pairs=anchor:text", "trainer.accumulate=3"],
+])
+def test_loss_options_train_through_the_cli(demo_data, tmp_path, options):
+    run_dir = tmp_path / "run"
+    run_cli("contrastive-train", *tiny_overrides(demo_data, run_dir, "trainer.max_steps=3", "export=false", *options))
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in rows)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.trainer.accumulate in (2, 3)

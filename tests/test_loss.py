@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive.loss import ContrastiveLoss, info_nce, resolve_pairs
+from contrastive.loss import ContrastiveLoss, Temperature, info_nce, resolve_pairs
 from contrastive.modalities import ConfigError
 
 
@@ -77,17 +77,17 @@ def test_pairs_from_config():
 def test_temperatures_learnable_fixed_and_clamped():
     emb = {"image": unit(4, 8, 6), "text": unit(4, 8, 7), "audio": unit(4, 8, 8)}
     mask = {k: torch.ones(4, dtype=torch.bool) for k in emb}
-    learn = ContrastiveLoss([("image", "text")], temperature=0.07, learnable=True)
+    learn = ContrastiveLoss([("image", "text")], temperature=Temperature(0.07, learnable=True))
     loss, logs = learn(emb, mask)
     loss.backward()
     assert learn.logit_scale["image-text"].grad is not None
     assert logs["logit_scale/image-text"].item() == pytest.approx(1 / 0.07, rel=1e-5)
 
-    fixed = ContrastiveLoss([("image", "text")], temperature=0.05, learnable=False)
+    fixed = ContrastiveLoss([("image", "text")], temperature=Temperature(0.05, learnable=False))
     assert not fixed.logit_scale["image-text"].requires_grad
     assert fixed.scales()["image-text"].item() == pytest.approx(20.0, rel=1e-5)
 
-    hot = ContrastiveLoss([("image", "text")], temperature=0.001)
+    hot = ContrastiveLoss([("image", "text")], temperature=Temperature(0.001))
     assert hot.scales()["image-text"].item() == pytest.approx(100.0)
 
 
@@ -95,7 +95,8 @@ def test_pairs_are_summed_with_weights():
     emb = {"image": unit(5, 8, 9), "text": unit(5, 8, 10), "audio": unit(5, 8, 11)}
     mask = {k: torch.ones(5, dtype=torch.bool) for k in emb}
     mask["audio"][0] = False
-    loss_fn = ContrastiveLoss([("image", "text"), ("audio", "text")], temperature=0.1, weights={"audio-text": 0.5})
+    loss_fn = ContrastiveLoss([("image", "text"), ("audio", "text")], temperature=Temperature(0.1),
+                              weights={"audio-text": 0.5})
     total, logs = loss_fn(emb, mask)
     it = info_nce(emb["image"], emb["text"], mask["image"] & mask["text"], torch.tensor(10.0))
     at = info_nce(emb["audio"], emb["text"], mask["audio"] & mask["text"], torch.tensor(10.0))

@@ -22,7 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from contrastive.builders import build_dataset, build_modalities, build_objective, build_optimizer, import_modules
+from contrastive.builders import (
+    build_dataset,
+    build_loss,
+    build_modalities,
+    build_objective,
+    build_optimizer,
+    import_modules,
+)
 from contrastive.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from contrastive.config import register_configs, validate
 from contrastive.data.pipeline import batches
@@ -48,15 +55,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     torch.manual_seed(cfg.trainer.seed)
 
     modalities = build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality, resolve=True))
-    objective = build_objective(
-        modalities,
-        embed_dim=cfg.model.embed_dim,
-        pairs=OmegaConf.to_container(cfg.loss.pairs) if OmegaConf.is_config(cfg.loss.pairs) else cfg.loss.pairs,
-        temperature=cfg.loss.temperature.init,
-        learnable_temperature=cfg.loss.temperature.learnable,
-        max_logit_scale=cfg.loss.temperature.max_logit_scale,
-        pair_weights=cfg.loss.weights,
-    ).to(dist.device)
+    # LossConfig's fields are build_loss's keyword arguments: the config mirrors the object.
+    loss = build_loss(list(modalities), **OmegaConf.to_container(cfg.loss, resolve=True))
+    objective = build_objective(modalities, embed_dim=cfg.model.embed_dim, loss=loss).to(dist.device)
     optimizer, scheduler = build_optimizer(
         objective,
         optimizer=instantiate(cfg.optim.optimizer),
@@ -115,6 +116,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     state = train_loop(
         model=model,
+        loss_fn=objective.loss,
         parameters=[p for p in objective.parameters() if p.requires_grad],
         optimizer=optimizer,
         scheduler=scheduler,
@@ -131,6 +133,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         save=save,
         logger=logger,
         progress=cfg.trainer.progress,
+        accumulate=cfg.trainer.accumulate,
     )
     save(state)
     metrics = evaluate(state.step) if eval_set is not None else {}
@@ -153,7 +156,7 @@ def _report(cfg: DictConfig, run_dir: Path, objective: Any, state: TrainState, m
             logit_scales={k: float(v.detach()) for k, v in objective.loss.scales().items()},
             metrics={k.removeprefix("eval/"): v for k, v in metrics.items()},
             info={"steps": state.step, "train_data": cfg.data.train, "eval_data": cfg.data.eval,
-                  "global_batch_size": cfg.data.batch_size * dist.world_size, "epochs_seen": state.position.epoch,
+                  "global_batch_size": cfg.data.batch_size * dist.world_size * cfg.trainer.accumulate, "epochs_seen": state.position.epoch,
                   "samples_seen": state.counts.get("samples", 0)},
             prompts=list(cfg.eval.prompts),
         )

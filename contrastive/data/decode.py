@@ -9,6 +9,7 @@ and key. Counters travel with each batch, so the trainer sums exact totals from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -24,6 +25,13 @@ log = logging.getLogger("contrastive.data")
 
 METADATA_EXTENSIONS = ("json",)
 WARN_FIRST = 5  # warnings per kind of bad input and worker; the counters keep counting after that
+
+
+def label_id(label: str | None) -> int:
+    """A stable non-negative int64 for a label string (the same on every rank and run); -1 for none."""
+    if label is None:
+        return -1
+    return int.from_bytes(hashlib.blake2b(label.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def known_extensions() -> set[str]:
@@ -114,5 +122,6 @@ class BatchDecoder:
             batch["mask"][name] = torch.tensor(present, dtype=torch.bool)
         batch["__key__"] = keys
         batch["label"] = labels
+        batch["label_id"] = torch.tensor([label_id(lab) for lab in labels], dtype=torch.long)
         batch["counts"] = dict(counts)
         return batch
