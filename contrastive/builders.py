@@ -10,7 +10,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from contrastive.data.pipeline import ShardDataset
-from contrastive.data.shards import DataError, list_shards
+from contrastive.data.checks import preflight
+from contrastive.data.sources import load_sources
 from contrastive.loss import ContrastiveLoss, Temperature, resolve_pairs
 from contrastive.modalities.base import MODALITIES, ConfigError, Modality, build_modality
 from contrastive.model import ContrastiveModel, ContrastiveObjective
@@ -95,7 +96,7 @@ def build_optimizer(
 
 
 def build_dataset(
-    path: str,
+    spec: Any,
     modalities: Mapping[str, Modality],
     *,
     batch_size: int,
@@ -105,19 +106,19 @@ def build_dataset(
     shuffle_buffer: int = 1000,
     rank: int = 0,
     world_size: int = 1,
+    resampled: bool = False,
+    epoch_samples: int = 0,
+    modality_dropout: Mapping[str, float] | None = None,
+    check: bool = True,
 ) -> ShardDataset:
-    shards = list_shards(path)
-    dataset = ShardDataset(
-        shards, modalities, batch_size=batch_size, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
-        rank=rank, world_size=world_size, num_workers=num_workers,
+    """A rank's loader dataset over `spec` (a directory, or a list of directories or {path, weight});
+    with `check`, the preflight runs first (see contrastive.data.checks)."""
+    sources = load_sources(spec)
+    if check:
+        preflight(sources, modalities, world_size=world_size, num_workers=num_workers, batch_size=batch_size,
+                  what="data.train" if train else "data.eval")
+    return ShardDataset(
+        sources, modalities, batch_size=batch_size, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
+        rank=rank, world_size=world_size, num_workers=num_workers, resampled=resampled,
+        epoch_samples=epoch_samples, modality_dropout=modality_dropout,
     )
-    workers = world_size * max(num_workers, 1)
-    if len(shards) < workers:
-        log.info("%s: %d shards for %d ranks x workers: workers share shards (spans of samples)",
-                 path, len(shards), workers)
-    if dataset.total < workers * batch_size and train:
-        log.warning("%s: %d samples fill less than one batch per worker (%d workers x %d)", path,
-                    dataset.total, workers, batch_size)
-    if not train and dataset.total == 0:
-        raise DataError(f"{path}: the eval set is empty")
-    return dataset

@@ -22,12 +22,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = MISSING  # a dataset directory: .tar shards + sizes.json
+    # A dataset directory (.tar shards + sizes.json), a list of them, or [{path: ..., weight: ...}, ...]
+    train: Any = MISSING
     eval: Optional[str] = None  # held-out dataset directory for evaluation
     batch_size: int = 64  # per rank
     eval_batch_size: int = 128
     num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
     shuffle_buffer: int = 1000  # samples
+    resampled: bool = False  # draw shards with replacement, datasets mixed by weight, virtual epochs
+    epoch_samples: int = 0  # resampled: samples per virtual epoch, all ranks (0 = the datasets' total)
+    modality_dropout: Dict[str, float] = field(default_factory=dict)  # <modality>: drop probability
+    max_bad_fraction: float = 0.05  # stop when more of the samples read so far were bad
+    bad_check_after: int = 2000  # samples read before the bad fraction is checked
 
 
 @dataclass
@@ -61,6 +67,7 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 1000
     accumulate: int = 1  # batches per step, taken as one batch by the loss (cached features)
+    stop_at_step: int = 0  # checkpoint and exit at this step of a longer schedule (0 = run to max_steps)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16
@@ -70,6 +77,7 @@ class TrainerConfig:
     save_every: int = 0  # steps; 0 saves at the end only
     keep_last: int = 2  # checkpoints kept
     progress: bool = True  # progress bar on the main rank
+    record_keys: bool = False  # write the sample keys of every step to <run>/keys/rank<r>.jsonl
 
 
 @dataclass

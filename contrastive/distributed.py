@@ -76,6 +76,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def same_on_every_rank(value):
+    """Rank 0's `value` on every rank (e.g. a run directory named after the time each rank started)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sends each rank the summed gradient of its own slice."""
 

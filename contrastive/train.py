@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from contrastive.accumulate import cached_accumulation
+from contrastive.data.checks import check_bad_fraction
+from contrastive.data.decode import BAD_SHARD
 from contrastive.data.pipeline import DataPosition
 from contrastive.distributed import is_main, world_size
 from contrastive.optim import grad_norm
@@ -90,6 +92,7 @@ def train_loop(
     batches: Iterator[dict[str, Any]],
     state: TrainState,
     max_steps: int,
+    stop_at_step: int = 0,
     device: torch.device,
     autocast: Callable[[], Any],
     grad_clip: float,
@@ -102,9 +105,14 @@ def train_loop(
     progress: bool = True,
     accumulate: int = 1,
     max_bad_steps: int = 10,
+    max_bad_fraction: float = 1.0,
+    bad_check_after: int = 0,
+    record_keys: Callable[[int, list[str]], None] | None = None,
 ) -> TrainState:
     """Trains `model` (an objective: batch -> (loss, logs), possibly wrapped by an engine) from
-    `state.step` to `max_steps`; each step takes `accumulate` batches as one (cached features)."""
+    `state.step` to `max_steps` (or `stop_at_step`, earlier, of the same schedule); each step takes
+    `accumulate` batches as one (cached features)."""
+    end = min(max_steps, stop_at_step) if stop_at_step else max_steps
     bar = None
     if progress and is_main():
         from tqdm import tqdm
@@ -114,13 +122,15 @@ def train_loop(
     local_counts: Counter = Counter()
     bad_in_a_row = 0
     model.train()
-    while state.step < max_steps:
+    while state.step < end:
         t0 = time.perf_counter()
         # the loader's position advances with each batch handed out
         micro = [next(batches) for _ in range(accumulate)]
         t_data = time.perf_counter() - t0
         for batch in micro:
             local_counts.update(batch.pop("counts"))
+        if record_keys is not None:
+            record_keys(state.step + 1, [k for b in micro for k in b["__key__"] if k])
         micro = [to_device(batch, device) for batch in micro]
 
         optimizer.zero_grad(set_to_none=True)
@@ -163,9 +173,10 @@ def train_loop(
             bar.update(1)
             bar.set_postfix(loss=f"{float(global_loss):.3f}", sps=f"{window['samples'] / max(window['time'], 1e-9):.0f}")
 
-        if state.step % log_every == 0 or state.step == max_steps:
+        if state.step % log_every == 0 or state.step == end:
             state.counts.update(sum_counts(local_counts))
             local_counts.clear()
+            check_bad_fraction(state.counts, max_fraction=max_bad_fraction, min_slots=bad_check_after)
             metrics = {k: float(v) for k, v in logs.items()}
             metrics.update({
                 "loss": float(global_loss),
@@ -176,7 +187,7 @@ def train_loop(
                 "epoch": state.position.epoch,
                 "skipped_steps": state.skipped_steps,
             })
-            metrics.update({f"data/{k}": v for k, v in state.counts.items()})
+            metrics.update({f"data/{k}": v for k, v in state.counts.items() if not k.startswith(BAD_SHARD)})
             logger.log(state.step, metrics)
             window = dict.fromkeys(window, 0)
         if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:

@@ -37,7 +37,7 @@ def compose(*overrides: str):
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
-def run_cli(name: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+def run_cli(name: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
             check: bool = True) -> subprocess.CompletedProcess:
     """Runs an installed console script (contrastive-train, ...) as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from contrastive.data import DataPosition, ShardDataset, batches, list_shards, make_loader
+from contrastive.data import DataPosition, ShardDataset, batches, list_shards, load_sources, make_loader
 from contrastive.data.shards import count_samples
 from datasets import sample, tiny_modalities, write_dataset
 
@@ -36,7 +36,7 @@ def test_writer_and_sizes(dataset_dir):
 
 def test_batches_are_fixed_size_dicts_with_masks(dataset_dir):
     mods = tiny_modalities()
-    ds = ShardDataset(list_shards(dataset_dir), mods, batch_size=8, train=True, num_workers=0)
+    ds = ShardDataset(load_sources(str(dataset_dir)), mods, batch_size=8, train=True, num_workers=0)
     out = list(make_loader(ds))
     assert len(out) == len(ds) == 7  # ceil(53 / 8)
     for b in out:
@@ -60,7 +60,7 @@ def test_every_rank_gets_equal_batches_and_every_sample_once(dataset_dir, world,
     mods = tiny_modalities(("image", "text"))
     per_rank = []
     for rank in range(world):
-        ds = ShardDataset(list_shards(dataset_dir), mods, batch_size=4, train=True, seed=3, rank=rank,
+        ds = ShardDataset(load_sources(str(dataset_dir)), mods, batch_size=4, train=True, seed=3, rank=rank,
                           world_size=world, num_workers=workers)
         per_rank.append(list(make_loader(ds)))
     assert len({len(r) for r in per_rank}) == 1, "every rank must see the same number of batches"
@@ -71,7 +71,7 @@ def test_every_rank_gets_equal_batches_and_every_sample_once(dataset_dir, world,
 
 def test_epochs_reshuffle_deterministically(dataset_dir):
     mods = tiny_modalities(("text",) * 1)
-    ds = ShardDataset(list_shards(dataset_dir), {"text": mods["text"]}, batch_size=8, train=True, seed=1)
+    ds = ShardDataset(load_sources(str(dataset_dir)), {"text": mods["text"]}, batch_size=8, train=True, seed=1)
     first = keys_of(make_loader(ds))
     ds.epoch = 1
     second = keys_of(make_loader(ds))
@@ -84,7 +84,7 @@ def test_resume_from_a_position_continues_the_same_sequence(dataset_dir):
     mods = {"text": tiny_modalities(("text",))["text"]}
 
     def make():
-        return ShardDataset(list_shards(dataset_dir), mods, batch_size=4, train=True, seed=5, num_workers=2)
+        return ShardDataset(load_sources(str(dataset_dir)), mods, batch_size=4, train=True, seed=5, num_workers=2)
 
     full_pos = DataPosition()
     stream = batches(make(), full_pos)
@@ -104,7 +104,7 @@ def test_corrupt_image_is_counted_and_the_rest_of_the_sample_kept(tmp_path):
     samples[4]["png"] = b"\x89PNG garbage"
     samples[9]["png"] = samples[9]["png"][:40]
     write_dataset(tmp_path, samples, shard_size=5)
-    ds = ShardDataset(list_shards(tmp_path), tiny_modalities(("image", "text")), batch_size=6, train=False,
+    ds = ShardDataset(load_sources(str(tmp_path)), tiny_modalities(("image", "text")), batch_size=6, train=False,
                       num_workers=2)
     out = list(make_loader(ds))
     totals = sum((Counter(b["counts"]) for b in out), Counter())

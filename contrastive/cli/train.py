@@ -10,6 +10,7 @@ This is the only place that reads the composed config; everything below it takes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from functools import partial
@@ -33,7 +34,8 @@ from contrastive.builders import (
 from contrastive.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from contrastive.config import register_configs, validate
 from contrastive.data.pipeline import batches
-from contrastive.distributed import DistInfo, barrier, init_distributed
+from contrastive.data.shards import DataError
+from contrastive.distributed import DistInfo, barrier, init_distributed, same_on_every_rank
 from contrastive.evaluate import compute_metrics, embed_dataset, format_table
 from contrastive.export import export_model
 from contrastive.tracking import MetricsLogger
@@ -50,6 +52,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     validate(cfg)
     import_modules(cfg.imports)
     dist = init_distributed(cfg.trainer.device)
+    run_dir = same_on_every_rank(run_dir)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
@@ -66,7 +69,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     )
     data = partial(build_dataset, modalities=modalities, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
                    rank=dist.rank, world_size=dist.world_size)
-    train_set = data(cfg.data.train, batch_size=cfg.data.batch_size, train=True, shuffle_buffer=cfg.data.shuffle_buffer)
+    train_set = data(OmegaConf.to_container(cfg.data.train) if OmegaConf.is_config(cfg.data.train) else cfg.data.train,
+                     batch_size=cfg.data.batch_size, train=True, shuffle_buffer=cfg.data.shuffle_buffer,
+                     resampled=cfg.data.resampled, epoch_samples=cfg.data.epoch_samples,
+                     modality_dropout=cfg.data.modality_dropout)
     eval_set = data(cfg.data.eval, batch_size=cfg.data.eval_batch_size, train=False) if cfg.data.eval else None
 
     state = TrainState()
@@ -79,6 +85,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         state = TrainState.from_dict(saved["state"])
+        if saved["data"]["layout"] != train_set.layout():
+            raise DataError(
+                f"resume: the checkpoint's data position is for {saved['data']['layout']}, this run has "
+                f"{train_set.layout()}; exact resume needs the same ranks, workers and batch size")
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step,
                  state.position.epoch, state.position.batch)
 
@@ -110,6 +120,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rng_state(),
                 "state": state.to_dict(),
+                # every stream's position follows from (epoch, batch) and this layout; written out
+                # so that a reader of the checkpoint sees where each rank and worker stands
+                "data": {"layout": train_set.layout(), "epoch": state.position.epoch,
+                         "streams": {r: train_set.stream_position(state.position.batch) for r in range(dist.world_size)}},
                 "config": config,
             }, keep_last=cfg.trainer.keep_last)
         barrier()
@@ -123,6 +137,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         batches=batches(train_set, state.position, pin_memory=dist.device.type == "cuda"),
         state=state,
         max_steps=cfg.trainer.max_steps,
+        stop_at_step=cfg.trainer.stop_at_step,
         device=dist.device,
         autocast=autocast,
         grad_clip=cfg.optim.grad_clip,
@@ -134,14 +149,34 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger=logger,
         progress=cfg.trainer.progress,
         accumulate=cfg.trainer.accumulate,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        bad_check_after=cfg.data.bad_check_after,
+        record_keys=KeyRecorder(run_dir, dist.rank) if cfg.trainer.record_keys else None,
     )
     save(state)
+    if state.step < cfg.trainer.max_steps:
+        log.info("stopped at step %d of %d (trainer.stop_at_step); resume with resume=latest", state.step,
+                 cfg.trainer.max_steps)
+        logger.close()
+        return {}
     metrics = evaluate(state.step) if eval_set is not None else {}
     logger.log(state.step, metrics)
     logger.close()
     if dist.is_main:
         _report(cfg, run_dir, objective, state, metrics, dist)
     return metrics
+
+
+class KeyRecorder:
+    """Appends each step's sample keys to <run>/keys/rank<r>.jsonl (an audit of what trained when)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = run_dir / "keys" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, keys: list[str]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
 def _report(cfg: DictConfig, run_dir: Path, objective: Any, state: TrainState, metrics: dict[str, float],

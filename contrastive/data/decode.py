@@ -24,6 +24,14 @@ from contrastive.modalities.base import MODALITIES, Modality
 log = logging.getLogger("contrastive.data")
 
 METADATA_EXTENSIONS = ("json",)
+BAD_SHARD = "bad_in_shard/"  # counter prefix: bad samples per shard (for the error that names them)
+# Counted and logged, but the sample itself is still used: not part of the bad fraction.
+NOT_LOST = ("bad/unknown_extension", "bad/json", "bad/sizes_mismatch")
+
+
+def lost(counts: Mapping[str, int]) -> int:
+    """Bad-input events that cost a sample or one of its modalities."""
+    return sum(v for k, v in counts.items() if k.startswith("bad/") and k not in NOT_LOST)
 WARN_FIRST = 5  # warnings per kind of bad input and worker; the counters keep counting after that
 
 
@@ -48,11 +56,15 @@ class BatchDecoder:
     A slot is a raw sample (`__key__`, `__shard__`, extension -> bytes), an error slot
     (`__error__`: what went wrong reading the shard) or None (padding at the end of an epoch)."""
 
-    def __init__(self, modalities: Mapping[str, Modality], *, train: bool, seed: int = 0):
+    def __init__(self, modalities: Mapping[str, Modality], *, train: bool, seed: int = 0, epoch: int = 0,
+                 modality_dropout: Mapping[str, float] | None = None):
         self.modalities = dict(modalities)
         self.train = train
-        self.seed = seed
-        self.epoch = 0
+        self.seed, self.epoch = seed, epoch
+        self.modality_dropout = dict(modality_dropout or {})
+        unknown = set(self.modality_dropout) - set(self.modalities)
+        if unknown:
+            raise ValueError(f"data.modality_dropout: {sorted(unknown)} are not enabled modalities")
         self.known = known_extensions()
         self.warned: Counter = Counter()
 
@@ -81,13 +93,19 @@ class BatchDecoder:
         # repeats the interrupted run's crops exactly, and the caller's random state is untouched.
         seed = zlib.crc32(f"{self.seed}/{self.epoch}/{key}".encode())
         row: dict[str, torch.Tensor] = {}
+        present = {name: next((e for e in m.extensions if e in sample), None) for name, m in self.modalities.items()}
+        present = {name: ext for name, ext in present.items() if ext is not None}
+        if self.modality_dropout:  # drop modalities at random, never the sample's last one
+            drop_rng = random.Random(f"dropout/{seed}")
+            for name in list(present):
+                if len(present) > 1 and drop_rng.random() < self.modality_dropout.get(name, 0.0):
+                    del present[name]
+                    counts[f"dropped/{name}"] += 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             random.seed(seed)
-            for name, modality in self.modalities.items():
-                ext = next((e for e in modality.extensions if e in sample), None)
-                if ext is None:
-                    continue
+            for name, ext in present.items():
+                modality = self.modalities[name]
                 try:
                     row[name] = modality.preprocess(modality.decode(sample[ext], ext), train=self.train)
                 except Exception as e:  # noqa: BLE001 - any decoder failure is bad input, not a crash
@@ -96,21 +114,31 @@ class BatchDecoder:
         if not row:
             counts["bad/empty_sample"] += 1
             self.warn("empty_sample", shard, key, "no usable modality")
+        if "__extra__" in sample:
+            counts["bad/sizes_mismatch"] += sample["__extra__"]
         return row, label
 
     def __call__(self, slots: list[dict[str, Any] | None]) -> dict[str, Any]:
         counts: Counter = Counter()
         rows, keys, labels = [], [], []
         for slot in slots:
-            if slot is None:
-                row, key, label = {}, "", None
-            elif "__error__" in slot:
+            if slot is None:  # padding at the end of an epoch
+                rows.append({})
+                keys.append("")
+                labels.append(None)
+                continue
+            before = lost(counts)
+            if "__error__" in slot:
                 counts[f"bad/{slot['__error__']}"] += 1
                 row, key, label = {}, "", None
             else:
                 row, label = self.decode_sample(slot, counts)
                 key = slot["__key__"]
                 counts["samples"] += 1 if row else 0
+            counts["slots"] += 1
+            if lost(counts) > before:
+                counts["bad_samples"] += 1
+                counts[f"{BAD_SHARD}{slot.get('__shard__', '?')}"] += 1
             rows.append(row)
             keys.append(key if row else "")
             labels.append(label if row else None)

@@ -11,10 +11,8 @@ from it, each worker knows how many of its batches to skip, without decoding the
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -22,80 +20,15 @@ import torch
 import webdataset as wds
 
 from contrastive.data.decode import BatchDecoder
-from contrastive.data.shards import DataError, Shard, sample_key
+from contrastive.data.shards import DataError
+from contrastive.data.sources import Source, exact_slots, resampled_slots, span
 from contrastive.modalities.base import Modality
-
-log = logging.getLogger("contrastive.data")
-
-Segment = tuple[Shard, int, int]  # shard, first sample, number of samples
-
-
-def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar file in order: members sharing a key, grouped (`__key__`, ext -> bytes)."""
-    current: dict[str, Any] | None = None
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            key, ext = sample_key(member.name)
-            if not member.isreg() or key is None:
-                continue
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
-
-
-def read_segments(segments: Sequence[Segment]) -> Iterator[dict[str, Any]]:
-    """Exactly `count` slots per segment: the shard's samples, then error slots for any it could not
-    deliver (a truncated or unreadable tar, or fewer samples than sizes.json claims)."""
-    for shard, start, count in segments:
-        delivered, reason = 0, None
-        try:
-            for index, sample in enumerate(iter_tar_samples(shard.path)):
-                if delivered == count:
-                    break
-                if index >= start:
-                    sample["__shard__"] = shard.name
-                    yield sample
-                    delivered += 1
-            if delivered < count:
-                reason = "short_shard"
-                log.warning("shard %s holds fewer samples than sizes.json says", shard.name)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            reason = "truncated_shard" if delivered or start else "unreadable_shard"
-            log.warning("shard %s: %s after %d samples: %s", shard.name, reason, start + delivered, e)
-        for _ in range(count - delivered):
-            yield {"__error__": reason, "__shard__": shard.name}
-
-
-def epoch_order(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: bool) -> list[Shard]:
-    order = list(shards)
-    if shuffle:
-        random.Random(f"shards/{seed}/{epoch}").shuffle(order)
-    return order
-
-
-def worker_segments(ordered: Sequence[Shard], worker: int, workers: int) -> list[Segment]:
-    """The contiguous span of the concatenated sample stream that global worker `worker` reads."""
-    total = sum(s.samples for s in ordered)
-    lo, hi = worker * total // workers, (worker + 1) * total // workers
-    segments, offset = [], 0
-    for shard in ordered:
-        a, b = max(lo, offset), min(hi, offset + shard.samples)
-        if a < b:
-            segments.append((shard, a - offset, b - a))
-        offset += shard.samples
-    return segments
 
 
 def group_slots(slots: Iterator[Any], *, batch_size: int, batches: int) -> Iterator[list[Any]]:
     """Exactly `batches` groups of `batch_size` slots; None fills what the stream does not."""
     for _ in range(batches):
-        group = [next(slots, None) for _ in range(batch_size)]
-        yield group
+        yield [next(slots, None) for _ in range(batch_size)]
 
 
 @dataclass
@@ -107,11 +40,15 @@ class DataPosition:
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """One rank's batches of one epoch (`epoch`), from batch `start_batch` on."""
+    """One rank's batches of one epoch (`epoch`), from batch `start_batch` on.
+
+    `resampled=False`: each epoch reads every sample of every source once. `resampled=True`: each
+    (virtual) epoch draws `epoch_samples` samples, sources mixed by weight, shards drawn with
+    replacement, as webdataset's resampled shards but with a fixed, seeded quota per worker."""
 
     def __init__(
         self,
-        shards: Sequence[Shard],
+        sources: Sequence[Source],
         modalities: Mapping[str, Modality],
         *,
         batch_size: int,
@@ -121,14 +58,21 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        resampled: bool = False,
+        epoch_samples: int = 0,
+        modality_dropout: Mapping[str, float] | None = None,
     ):
-        self.shards = list(shards)
-        self.total = sum(s.samples for s in self.shards)
+        self.sources = list(sources)
+        self.resampled = resampled
+        if not resampled and any(s.weight != 1.0 for s in self.sources):
+            raise DataError("data: dataset weights mix resampled shards; set data.resampled=true to use them")
+        self.total = epoch_samples if resampled and epoch_samples else sum(s.samples for s in self.sources)
         if self.total == 0:
             raise DataError("the dataset holds no samples")
         self.modalities = dict(modalities)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.shuffle_buffer = shuffle_buffer if train else 0
+        self.modality_dropout = dict(modality_dropout or {}) if train else {}
         self.rank, self.world_size = rank, world_size
         self.loader_workers = num_workers  # DataLoader processes; 0 reads in the training process
         self.num_workers = max(num_workers, 1)  # streams the epoch is split into on this rank
@@ -146,6 +90,23 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """Batches per epoch on this rank (the same on every rank)."""
         return self.batches_per_worker * self.num_workers
 
+    def stream_position(self, batch: int) -> dict[int, int]:
+        """Batches each of this rank's streams has produced once the rank has consumed `batch`."""
+        return {w: (batch - w + self.num_workers - 1) // self.num_workers for w in range(self.num_workers)}
+
+    def layout(self) -> dict[str, int]:
+        """What an exact resume needs to be unchanged."""
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size}
+
+    def slots(self, stream: int) -> Iterator[dict[str, Any]]:
+        worker = self.rank * self.num_workers + stream
+        if self.resampled:
+            lo, hi = span(self.total, worker, self.global_workers)
+            rng = random.Random(f"resampled/{self.seed}/{self.epoch}/{worker}")
+            return resampled_slots(self.sources, rng=rng, count=hi - lo)
+        return exact_slots(self.sources, seed=self.seed, epoch=self.epoch, shuffle=self.train, worker=worker,
+                           workers=self.global_workers)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         if info is not None and info.num_workers != self.num_workers:
@@ -154,18 +115,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         # order, batch i comes from stream i % W. A loader resumed at batch `start_batch` starts with
         # stream start_batch % W, so its worker k reads stream (k + start_batch) % W; each stream
         # skips the batches it had already produced, without decoding them.
-        W = self.num_workers
-        stream = ((info.id if info is not None else 0) + self.start_batch) % W
-        skip = (self.start_batch - stream + W - 1) // W
-        global_worker = self.rank * W + stream
-        ordered = epoch_order(self.shards, seed=self.seed, epoch=self.epoch, shuffle=self.train)
-        segments = worker_segments(ordered, global_worker, self.global_workers)
-        decoder = BatchDecoder(self.modalities, train=self.train, seed=self.seed)
-        decoder.epoch = self.epoch
-        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{global_worker}")
+        stream = ((info.id if info is not None else 0) + self.start_batch) % self.num_workers
+        skip = self.stream_position(self.start_batch)[stream]
+        decoder = BatchDecoder(self.modalities, train=self.train, seed=self.seed, epoch=self.epoch,
+                               modality_dropout=self.modality_dropout)
+        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank * self.num_workers + stream}")
         pipeline = wds.DataPipeline(
-            # this worker's span of the epoch: raw bytes, one slot per sample sizes.json promises
-            lambda: read_segments(segments),
+            # this worker's raw samples: bytes only, exactly its quota of slots
+            lambda: self.slots(stream),
             # shuffle samples in a buffer seeded by (seed, epoch, worker)
             *([wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)] if self.shuffle_buffer else []),
             # fixed-size groups of slots, the same number on every worker

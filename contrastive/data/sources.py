@@ -1,0 +1,153 @@
+"""Where a worker's raw samples come from: its span of an exact epoch, or a weighted, resampled mix.
+
+Both sources yield exactly the number of slots the worker was given, so every worker of every rank
+makes the same number of batches. A slot is a raw sample (`__key__`, `__shard__`, ext -> bytes) or
+an error slot (`__error__`) standing for a sample a broken shard could not deliver.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from contrastive.data.shards import DataError, Shard, list_shards, sample_key
+
+log = logging.getLogger("contrastive.data")
+
+Segment = tuple[Shard, int, int]  # shard, first sample, number of samples
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset directory and its mixing weight (used when shards are resampled)."""
+
+    path: str
+    shards: tuple[Shard, ...]
+    weight: float = 1.0
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def load_sources(spec: Any) -> list[Source]:
+    """`path` | [path, ...] | [{path: ..., weight: ...}, ...] -> sources with their shards."""
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    sources = []
+    for item in items:
+        path, weight = (item, 1.0) if isinstance(item, str) else (item["path"], float(item.get("weight", 1.0)))
+        if weight <= 0:
+            raise DataError(f"data: weight of {path} must be positive, got {weight}")
+        sources.append(Source(str(path), tuple(list_shards(path)), weight))
+    if not sources:
+        raise DataError("data: no dataset given")
+    return sources
+
+
+def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar file in order: members sharing a key, grouped (`__key__`, ext -> bytes)."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            key, ext = sample_key(member.name)
+            if not member.isreg() or key is None:
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def read_segments(segments: Sequence[Segment]) -> Iterator[dict[str, Any]]:
+    """Exactly `count` slots per segment: the shard's samples, then error slots for any it could not
+    deliver (a truncated or unreadable tar, or fewer samples than sizes.json claims). A segment that
+    ends at its shard's end checks that nothing follows: samples beyond sizes.json's count are
+    reported on the segment's last slot (`__extra__`) rather than silently never read."""
+    for shard, start, count in segments:
+        delivered, reason, extra = 0, None, 0
+        last = None
+        try:
+            for index, sample in enumerate(iter_tar_samples(shard.path)):
+                if delivered == count:
+                    if start + count < shard.samples:
+                        break
+                    extra += 1  # sizes.json says the shard ends here, yet it goes on
+                    continue
+                if index >= start:
+                    sample["__shard__"] = shard.name
+                    if last is not None:
+                        yield last
+                    last, delivered = sample, delivered + 1
+            if delivered < count:
+                reason = "short_shard"
+                log.warning("shard %s holds fewer samples than sizes.json says (%d)", shard.name, shard.samples)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            reason = "truncated_shard" if delivered or start else "unreadable_shard"
+            log.warning("shard %s: %s after %d samples: %s", shard.name, reason, start + delivered, e)
+        if extra:
+            log.warning("shard %s holds %d samples more than sizes.json says; they are not read", shard.name, extra)
+        if last is not None:
+            if extra:
+                last["__extra__"] = extra
+            yield last
+        for _ in range(count - delivered):
+            yield {"__error__": reason, "__shard__": shard.name}
+
+
+def epoch_order(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: bool) -> list[Shard]:
+    order = list(shards)
+    if shuffle:
+        random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def span(total: int, worker: int, workers: int) -> tuple[int, int]:
+    """[lo, hi) of `total` items for `worker` of `workers`: contiguous, sizes differing by at most 1."""
+    return worker * total // workers, (worker + 1) * total // workers
+
+
+def worker_segments(ordered: Sequence[Shard], worker: int, workers: int) -> list[Segment]:
+    """The contiguous span of the concatenated sample stream that global worker `worker` reads."""
+    lo, hi = span(sum(s.samples for s in ordered), worker, workers)
+    segments, offset = [], 0
+    for shard in ordered:
+        a, b = max(lo, offset), min(hi, offset + shard.samples)
+        if a < b:
+            segments.append((shard, a - offset, b - a))
+        offset += shard.samples
+    return segments
+
+
+def exact_slots(sources: Sequence[Source], *, seed: int, epoch: int, shuffle: bool, worker: int,
+                workers: int) -> Iterator[dict[str, Any]]:
+    """One pass over every sample of every source, this worker's span of it."""
+    shards = [s for src in sources for s in src.shards]
+    return read_segments(worker_segments(epoch_order(shards, seed=seed, epoch=epoch, shuffle=shuffle), worker, workers))
+
+
+def resampled_slots(sources: Sequence[Source], *, rng: random.Random, count: int) -> Iterator[dict[str, Any]]:
+    """`count` slots, each from a source drawn by weight; within a source, shards are drawn with
+    replacement (in proportion to their sample counts) and read to their end."""
+    weights = [s.weight for s in sources]
+    open_shards: dict[int, Iterator[dict[str, Any]]] = {}
+    for _ in range(count):
+        i = rng.choices(range(len(sources)), weights=weights)[0]
+        while True:
+            if i not in open_shards:
+                shards = [s for s in sources[i].shards if s.samples > 0]
+                if not shards:
+                    raise DataError(f"data: {sources[i].path} holds no samples")
+                shard = rng.choices(shards, weights=[s.samples for s in shards])[0]
+                open_shards[i] = read_segments([(shard, 0, shard.samples)])
+            slot = next(open_shards[i], None)
+            if slot is not None:
+                yield slot
+                break
+            del open_shards[i]
