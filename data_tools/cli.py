@@ -1,37 +1,96 @@
 """`contrastive-data`: make and inspect datasets in the shard format.
 
-    contrastive-data demo data/demo        # the built-in demo set (train + heldout splits)
+    contrastive-data demo data/demo                        # the built-in demo set (train + heldout)
+    contrastive-data shards OUT --manifest pairs.csv       # columns key,image,audio,text,text_path,label
+    contrastive-data shards OUT --folder raw/ --workers 8  # files paired by stem: dog.jpg dog.flac dog.txt
+    contrastive-data verify OUT                            # decode everything; non-zero exit if corrupt
+    contrastive-data stats OUT                             # coverage, durations, sizes, caption lengths
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="contrastive-data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="contrastive-data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write the demo data set (spoken, written and captioned digits)")
     demo.add_argument("out_dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--copies", type=int, default=2, help="training samples per digit image")
     demo.add_argument("--max-images", type=int, default=0, help="cap on training images (0 = all 1437)")
     demo.add_argument("--shard-size", type=int, default=400, help="samples per shard")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    shards = sub.add_parser("shards", help="build shards from a manifest or a folder")
+    shards.add_argument("out_dir")
+    source = shards.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="CSV or JSONL; paths relative to the manifest's directory")
+    source.add_argument("--folder", help="files paired by stem (relative path without extension)")
+    shards.add_argument("--prefix", default="part")
+    shards.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
+    shards.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most")
+    shards.add_argument("--workers", type=int, default=4)
+
+    verify = sub.add_parser("verify", help="decode every sample; exit 1 if anything is corrupt")
+    verify.add_argument("directory")
+    verify.add_argument("--max-bad-fraction", type=float, default=0.0,
+                        help="corrupt samples tolerated before the exit code is 1 (default: none)")
+    verify.add_argument("--workers", type=int, default=2)
+    verify.add_argument("--json", type=Path, help="write the full report here")
+
+    stats = sub.add_parser("stats", help="coverage, audio durations, image sizes, caption lengths")
+    stats.add_argument("directory")
+    stats.add_argument("--max-samples", type=int, default=0)
+    stats.add_argument("--json", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.time()
     if args.command == "demo":
         from data_tools.demo import build_demo
 
-        start = time.time()
         counts = build_demo(args.out_dir, seed=args.seed, copies=args.copies, max_images=args.max_images,
                             shard_size=args.shard_size)
         print(f"demo data in {args.out_dir}: " + ", ".join(f"{k} {v} samples" for k, v in counts.items())
               + f" ({time.time() - start:.0f} s)")
+    elif args.command == "shards":
+        from data_tools.shards import build_shards
+
+        try:
+            result = build_shards(args.out_dir, manifest=args.manifest, folder=args.folder, prefix=args.prefix,
+                                  max_count=args.max_count, max_bytes=int(args.max_bytes), workers=args.workers)
+        except ValueError as e:
+            print(f"contrastive-data shards: {e}", file=sys.stderr)
+            return 2
+        for skipped in result["skipped"][:20]:
+            print(f"skipped {skipped}", file=sys.stderr)
+        print(f"{sum(result['sizes'].values())} samples in {len(result['sizes'])} shards in {args.out_dir} "
+              f"({time.time() - start:.0f} s)" + (f"; {len(result['skipped'])} files skipped" if result["skipped"] else ""))
+    elif args.command == "verify":
+        from data_tools.inspect import format_verify, verify
+
+        report, ok = verify(args.directory, workers=args.workers, max_bad_fraction=args.max_bad_fraction)
+        print(format_verify(report, ok))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return 0 if ok else 1
+    elif args.command == "stats":
+        from data_tools.inspect import format_stats, stats
+
+        result = stats(args.directory, max_samples=args.max_samples)
+        print(format_stats(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

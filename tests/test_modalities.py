@@ -112,3 +112,15 @@ def test_model_embeds_every_modality_to_unit_vectors():
     pil = PILImage.open(io.BytesIO(image_bytes("PNG")))
     assert model.embed("image", [pil]).shape == (1, 24)
     assert model.embed("audio", [(np.zeros(22050, dtype=np.float32) + 0.1, 22050)]).shape == (1, 24)
+
+
+def test_log_mel_equals_torchaudio_kaldi_fbank():
+    from torchaudio.compliance.kaldi import fbank
+
+    audio = build_modality("audio", n_mels=128, clip_seconds=1.0)
+    wave = torch.randn(16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    ours = audio.log_mel(wave)
+    ref = fbank(wave[None], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+                num_mel_bins=128, dither=0.0, frame_shift=10.0, frame_length=25.0)
+    assert ours.shape == ref.shape == (98, 128)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-5)

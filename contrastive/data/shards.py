@@ -93,10 +93,45 @@ def list_shards(path: str | os.PathLike) -> list[Shard]:
     return shards
 
 
+def _members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
+    key = sample["__key__"]
+    if "." in os.path.basename(key):
+        raise ValueError(f"sample key {key!r} holds a dot: the key ends at the first dot of a member name")
+    members = []
+    for ext, value in sample.items():
+        if ext.startswith("__"):
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        members.append((f"{key}.{ext}", value))
+    return members
+
+
+def _add(tar: tarfile.TarFile, members: list[tuple[str, bytes]]) -> None:
+    for name, value in members:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(value), 0, 0o644
+        info.uname = info.gname = "contrastive"
+        tar.addfile(info, io.BytesIO(value))
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
+    """Writes one shard of `samples` ({"__key__": str, ext: bytes | str | dict}); returns the count.
+    Byte-for-byte deterministic for the same samples (fixed member times and owners)."""
+    n = 0
+    with tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            _add(tar, _members(sample))
+            n += 1
+    return n
+
+
 class ShardWriter:
     """Writes samples ({"__key__": str, ext: bytes | str | dict}) into numbered shards and, on close,
     `sizes.json`. A new shard starts after `max_count` samples or `max_bytes` bytes. Output is
-    byte-for-byte deterministic for the same input (fixed member times and owners)."""
+    byte-for-byte deterministic for the same input."""
 
     def __init__(self, out_dir: str | os.PathLike, *, prefix: str = "shard", max_count: int = 1000,
                  max_bytes: int = 1 << 30):
@@ -122,26 +157,11 @@ class ShardWriter:
         self._count = self._bytes = 0
 
     def write(self, sample: dict[str, Any]) -> None:
-        key = sample["__key__"]
-        if "." in os.path.basename(key):
-            raise ValueError(f"sample key {key!r} holds a dot: the key ends at the first dot of a member name")
-        members = []
-        for ext, value in sample.items():
-            if ext.startswith("__"):
-                continue
-            if isinstance(value, dict):
-                value = json.dumps(value, sort_keys=True)
-            if isinstance(value, str):
-                value = value.encode("utf-8")
-            members.append((f"{key}.{ext}", value))
+        members = _members(sample)
         size = sum(len(v) for _, v in members)
         if self._tar is None or self._count >= self.max_count or (self._count and self._bytes + size > self.max_bytes):
             self._next_shard()
-        for name, value in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(value), 0, 0o644
-            info.uname = info.gname = "contrastive"
-            self._tar.addfile(info, io.BytesIO(value))
+        _add(self._tar, members)
         self._count += 1
         self._bytes += size
         self.sizes[self._name] += 1

@@ -1,0 +1,131 @@
+"""Loader throughput: the full pipeline (image + audio + text decode and transforms, batching) with
+1 and 2 DataLoader workers, against a bare read of the same shards (bytes only) in the same run,
+and the tiny model's training step on the same machine, which the pipeline must keep ahead of.
+
+    .venv/bin/python benchmarks/loader.py                      # the demo set (built if missing)
+    .venv/bin/python benchmarks/loader.py --data data/demo/train --batch-size 64
+
+The last line is one JSON object with the figures and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_modalities():
+    from omegaconf import OmegaConf
+
+    from contrastive.builders import build_modalities
+
+    cfg = OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")
+    base = {n: OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "modality" / f"{n}.yaml")) for n in
+            ("image", "audio", "text")}
+    for name, fields in cfg.modality.items():
+        base[name].update(fields)
+    return build_modalities(["image", "audio", "text"], base), cfg.model.embed_dim
+
+
+def bare_read(sources) -> tuple[int, float]:
+    from contrastive.data.sources import exact_slots
+
+    t0 = time.perf_counter()
+    n = sum(1 for _ in exact_slots(sources, seed=0, epoch=0, shuffle=False, worker=0, workers=1))
+    return n, time.perf_counter() - t0
+
+
+def pipeline(sources, modalities, batch_size: int, workers: int) -> tuple[int, float]:
+    """Samples per second over one epoch, timed from the first batch (worker start-up excluded)."""
+    from contrastive.data import ShardDataset, make_loader
+
+    ds = ShardDataset(sources, modalities, batch_size=batch_size, train=True, num_workers=workers, seed=0)
+    it = iter(make_loader(ds))
+    first = next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in it:
+        n += sum(1 for k in batch["__key__"] if k)
+    del first
+    return n, time.perf_counter() - t0
+
+
+def train_step(sources, modalities, embed_dim: int, batch_size: int, steps: int) -> tuple[int, float]:
+    """Samples per second of forward + backward + AdamW on real batches (loaded beforehand)."""
+    import torch
+
+    from contrastive.builders import build_objective
+    from contrastive.data import ShardDataset, make_loader
+
+    ds = ShardDataset(sources, modalities, batch_size=batch_size, train=True, num_workers=0, seed=0)
+    loader = iter(make_loader(ds))
+    batches = [next(loader) for _ in range(min(steps + 2, len(ds)))]
+    torch.manual_seed(0)
+    objective = build_objective(modalities, embed_dim=embed_dim)
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+
+    def step(batch):
+        loss, _ = objective(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for batch in batches[:2]:  # warm-up
+        step(batch)
+    t0 = time.perf_counter()
+    for batch in batches[2:]:
+        step(batch)
+    return batch_size * len(batches[2:]), time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="a training set directory (default: data/demo/train, built if missing)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train-steps", type=int, default=10)
+    args = parser.parse_args()
+    import torch
+
+    from contrastive.data import load_sources
+
+    data = args.data or str(REPO / "data" / "demo" / "train")
+    if not Path(data, "sizes.json").exists():
+        from data_tools.demo import build_demo
+
+        tmp = tempfile.mkdtemp(prefix="demo-")
+        print(f"building the demo set in {tmp}", file=sys.stderr)
+        build_demo(tmp)
+        data = str(Path(tmp) / "train")
+    sources = load_sources(data)
+    modalities, embed_dim = tiny_modalities()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    n, secs = bare_read(sources)
+    result = {"data": data, "cpus": os.cpu_count(), "batch_size": args.batch_size,
+              "bare_read": {"samples": n, "seconds": secs, "samples_per_s": n / secs}}
+    print(f"bare read (bytes only):        {n / secs:9.0f} samples/s", flush=True)
+    for workers in (1, 2):
+        n, secs = pipeline(sources, modalities, args.batch_size, workers)
+        result[f"pipeline_{workers}_workers"] = {"samples": n, "seconds": secs, "samples_per_s": n / secs}
+        print(f"full pipeline, {workers} worker(s):     {n / secs:9.0f} samples/s", flush=True)
+    n, secs = train_step(sources, modalities, embed_dim, args.batch_size, args.train_steps)
+    result["train_step"] = {"samples": n, "seconds": secs, "samples_per_s": n / secs}
+    print(f"tiny model training step:      {n / secs:9.0f} samples/s", flush=True)
+    bare = result["bare_read"]["samples_per_s"]
+    train = result["train_step"]["samples_per_s"]
+    result["ratios"] = {
+        f"pipeline_{w}_workers_over_bare_read": result[f"pipeline_{w}_workers"]["samples_per_s"] / bare for w in (1, 2)}
+    result["ratios"].update({
+        f"pipeline_{w}_workers_over_train_step": result[f"pipeline_{w}_workers"]["samples_per_s"] / train for w in (1, 2)})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
