@@ -40,12 +40,14 @@ def cached_accumulation(
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     replay_context: Callable[[int], ContextManager] = lambda index: nullcontext(),
     autocast: Callable[[], Any] | None = None,
+    proceed: Callable[[torch.Tensor, dict[str, torch.Tensor]], bool] = lambda loss, logs: True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Accumulates the gradients of the loss of `micro_batches` taken as one batch.
 
     `embed(batch)` -> embeddings per modality (the model, or an engine wrapping it); `backward`
     runs one backward pass; `replay_context(index)` wraps the replay of micro-batch `index` (e.g.
-    DDP's no_sync() for all but the last). Returns the loss (detached) and the loss's metrics."""
+    DDP's no_sync() for all but the last); `proceed(loss, logs)` False stops before any backward
+    (a non-finite loss). Returns the loss (detached) and the loss's metrics."""
     autocast = autocast or (lambda: nullcontext())
 
     # 1. embeddings of every micro-batch, no graph
@@ -62,6 +64,8 @@ def cached_accumulation(
     labels = (torch.cat([b["label_id"] for b in micro_batches])
               if all("label_id" in b for b in micro_batches) else None)
     loss, logs = loss_fn(features, masks, labels)
+    if not proceed(loss, logs):
+        return loss.detach(), logs
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [features[n] for n in names] + loss_params, allow_unused=True)
     feature_grads = dict(zip(names, grads[: len(names)]))

@@ -1,14 +1,20 @@
-"""Training checkpoints: atomic directories, a `latest` pointer that never names a broken one, and
+"""Training checkpoints: DeepSpeed's files (weights, optimizer and ZeRO partitions, schedule) plus our
+own state, written atomically, with a `latest` pointer that never names a broken checkpoint, and
 the last K kept.
 
-A checkpoint is `<run>/checkpoints/step_XXXXXXXX/state.pt`, holding weights, optimizer, schedule,
-step, the data position, bad-input counters and every RNG state. It is written under a temporary
-name and renamed into place only once complete; `latest` (a one-line file) is replaced atomically
-after that, so a crash at any moment leaves `latest` naming a complete checkpoint.
+    <run>/checkpoints/
+      step_00000400/            DeepSpeed's files, rank<r>.pt (each rank's RNG state), contrastive.json
+      step_00000800/
+      latest                    "step_00000800"
+
+Every rank writes into `<run>/checkpoints/.partial/<tag>` first. Once all have finished, rank 0
+writes `contrastive.json` (the step, the loader position, the config) and renames the directory into
+place, then replaces `latest`. A crash at any point leaves `latest` naming a complete checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,10 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from contrastive.distributed import barrier, rank
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-STATE = "state.pt"
+MARKER = "contrastive.json"  # written last: its presence marks a complete checkpoint
+PARTIAL = ".partial"
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -50,24 +59,37 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], *, keep_last: int = 2) -> Path:
-    """Writes `state` as the checkpoint of `step`, points `latest` at it and prunes old ones."""
+def save_checkpoint(run_dir: str | os.PathLike, step: int, engine: Any, *, meta: dict[str, Any],
+                    rank_state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Collective: every rank calls it. `meta` (JSON) is rank 0's record of the run's state;
+    `rank_state` is this rank's own (RNG states)."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final, tmp = root / name, root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / STATE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic(root / LATEST, name + "\n")
-    if keep_last > 0:
-        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    tag = f"step_{step:08d}"
+    partial = root / PARTIAL
+    if rank() == 0:
+        shutil.rmtree(partial / tag, ignore_errors=True)
+        (partial / tag).mkdir(parents=True)
+    barrier()
+    engine.save(partial, tag, client_state={})
+    torch.save(rank_state, partial / tag / f"rank{rank():05d}.pt")
+    barrier()
+    final = root / tag
+    if rank() == 0:
+        (partial / tag / MARKER).write_text(json.dumps({"step": step, **meta}, indent=1, default=str) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial / tag, final)
+        _write_atomic(root / LATEST, tag + "\n")
+        if keep_last > 0:
+            done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).exists()
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -75,12 +97,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if not pointer.exists():
         return None
     path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    return path if (path / STATE).exists() else None
+    return path if is_complete(path) else None
 
 
 def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
     """`latest` -> this run directory's latest checkpoint (None when there is none yet, so the same
-    command starts or resumes a run); a path -> that checkpoint, which must exist."""
+    command starts or resumes a run); a path -> that checkpoint (or that run's latest)."""
     if not resume:
         return None
     if resume == LATEST:
@@ -89,13 +111,22 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | Non
             log.info("resume=latest: no checkpoint in %s yet, starting from scratch", checkpoint_root(run_dir))
         return found
     path = Path(resume)
-    if (path / STATE).exists():
+    if is_complete(path):
         return path
-    found = latest_checkpoint(path) or latest_checkpoint(path.parent)
-    if path.is_dir() and found is not None:
+    found = latest_checkpoint(path)
+    if found is not None:
         return found
-    raise FileNotFoundError(f"resume={resume!r}: no checkpoint there (expected a directory holding {STATE})")
+    raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (a checkpoint directory holds {MARKER},"
+                            " a run directory a checkpoints/latest pointer)")
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def load_checkpoint(path: Path, engine: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores the engine (weights, optimizer, schedule) from `path`; returns (meta, this rank's state)."""
+    engine.load(path.parent, path.name)
+    mine = path / f"rank{rank():05d}.pt"
+    rank_state = torch.load(mine, map_location="cpu", weights_only=False) if mine.exists() else {}
+    return read_meta(path), rank_state

@@ -18,6 +18,15 @@ from omegaconf import MISSING
 @dataclass
 class ModelConfig:
     embed_dim: int = 512
+    # <modality>: {init: path, freeze: bool, unlocked_blocks: int, grad_checkpointing: bool}
+    towers: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO >= 1; DeepSpeed's CPU Adam)
+    config: Optional[str] = None  # a DeepSpeed JSON file applied on top of what the above make
 
 
 @dataclass
@@ -70,12 +79,13 @@ class TrainerConfig:
     stop_at_step: int = 0  # checkpoint and exit at this step of a longer schedule (0 = run to max_steps)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
     threads: int = 0  # torch intra-op threads per rank; 0: on CPU, cores per rank minus loader workers
     log_every: int = 10
     eval_every: int = 0  # steps; 0 evaluates at the end only
     save_every: int = 0  # steps; 0 saves at the end only
     keep_last: int = 2  # checkpoints kept
+    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     progress: bool = True  # progress bar on the main rank
     record_keys: bool = False  # write the sample keys of every step to <run>/keys/rank<r>.jsonl
 
@@ -100,6 +110,7 @@ class TrainConfig:
     modalities: List[str] = field(default_factory=lambda: ["image", "audio", "text"])
     modality: Dict[str, Any] = field(default_factory=dict)  # <name>: that modality's dataclass fields
     model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

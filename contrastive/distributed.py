@@ -45,11 +45,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    # Whatever started us, the variables torchrun would set (DeepSpeed reads them too).
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    if world_size == 1 and not dist.is_initialized():
+        # A group of one, so that the training engine (DeepSpeed) runs the same code path alone.
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
     if world_size > 1 and not dist.is_initialized():
-        # SLURM sets no RANK/WORLD_SIZE for env:// initialisation; export what we derived.
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             rank=rank,

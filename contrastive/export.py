@@ -32,11 +32,14 @@ def export_model(
     metrics: Mapping[str, float] | None = None,
     info: Mapping[str, Any] | None = None,
     prompts: list[str] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Writes `model` (weights, config, model card) to `out_dir` and returns it."""
+    """Writes `model` (weights, config, model card) to `out_dir` and returns it. `state_dict`, when
+    given, holds the weights (e.g. consolidated from a ZeRO checkpoint) instead of the live module's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
     config = {
         "format": FORMAT,

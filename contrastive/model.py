@@ -36,8 +36,20 @@ class ContrastiveModel(nn.Module):
         }
 
     def encode(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
-        """[batch, ...] inputs of one modality -> [batch, embed_dim] unit-norm embeddings."""
-        return F.normalize(self.encoders[name](inputs), dim=-1)
+        """[batch, ...] inputs of one modality -> [batch, embed_dim] unit-norm embeddings. Floating
+        inputs take the tower's dtype (bf16/fp16 towers under DeepSpeed's mixed precision)."""
+        encoder = self.encoders[name]
+        if inputs.is_floating_point():
+            inputs = inputs.to(next(encoder.parameters()).dtype)
+        return F.normalize(encoder(inputs), dim=-1)
+
+    def set_grad_checkpointing(self, names: list[str]) -> None:
+        """Activation checkpointing inside the named towers (open_clip and timm towers support it)."""
+        for name in names:
+            encoder = self.encoders[name]
+            if not hasattr(encoder, "set_grad_checkpointing"):
+                raise ValueError(f"the {name} tower has no set_grad_checkpointing()")
+            encoder.set_grad_checkpointing(True)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {name: self.encode(name, batch[name]) for name in self.encoders if name in batch}

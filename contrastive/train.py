@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -22,7 +21,6 @@ from contrastive.data.checks import check_bad_fraction
 from contrastive.data.decode import BAD_SHARD
 from contrastive.data.pipeline import DataPosition
 from contrastive.distributed import is_main, world_size
-from contrastive.optim import grad_norm
 from contrastive.tracking import MetricsLogger
 
 log = logging.getLogger("contrastive.train")
@@ -47,16 +45,8 @@ class TrainState:
                    skipped_steps=d.get("skipped_steps", 0))
 
 
-def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
-    """A context factory for the forward pass: bf16 autocast, or nothing for fp32."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return lambda: torch.autocast(device_type=device.type, enabled=False)
-    raise ValueError(f"trainer.precision: expected fp32 or bf16, got {precision!r}")
-
-
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors (and the mask dict's tensors) to `device`; the rest as is."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -84,18 +74,13 @@ def sum_counts(counts: Mapping[str, int]) -> Counter:
 
 def train_loop(
     *,
-    model: nn.Module,
+    engine: Any,
     loss_fn: nn.Module,
-    parameters: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
     batches: Iterator[dict[str, Any]],
     state: TrainState,
     max_steps: int,
     stop_at_step: int = 0,
     device: torch.device,
-    autocast: Callable[[], Any],
-    grad_clip: float,
     log_every: int,
     eval_every: int,
     save_every: int,
@@ -109,19 +94,26 @@ def train_loop(
     bad_check_after: int = 0,
     record_keys: Callable[[int, list[str]], None] | None = None,
 ) -> TrainState:
-    """Trains `model` (an objective: batch -> (loss, logs), possibly wrapped by an engine) from
-    `state.step` to `max_steps` (or `stop_at_step`, earlier, of the same schedule); each step takes
-    `accumulate` batches as one (cached features)."""
+    """Trains from `state.step` to `max_steps` (or `stop_at_step`, earlier, of the same schedule).
+
+    `engine` wraps the objective (contrastive.engine.Engine): engine(batch) -> (loss, logs),
+    engine.backward(loss), engine.step() -> applied. Each step takes `accumulate` batches, which
+    the loss sees as one batch (cached features, see contrastive.accumulate)."""
     end = min(max_steps, stop_at_step) if stop_at_step else max_steps
     bar = None
     if progress and is_main():
         from tqdm import tqdm
 
         bar = tqdm(total=max_steps, initial=state.step, unit="step", dynamic_ncols=True)
-    window = {"samples": 0, "time": 0.0, "data_time": 0.0, "steps": 0}
+    window = {"samples": 0, "time": 0.0, "data_time": 0.0}
     local_counts: Counter = Counter()
     bad_in_a_row = 0
-    model.train()
+
+    def finite(loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> bool:
+        # The logged pair losses are all-reduced: every rank reaches the same verdict.
+        return math.isfinite(float(sum(v for k, v in logs.items() if k.startswith("loss/"))))
+
+    engine.engine.train()
     while state.step < end:
         t0 = time.perf_counter()
         # the loader's position advances with each batch handed out
@@ -133,45 +125,42 @@ def train_loop(
             record_keys(state.step + 1, [k for b in micro for k in b["__key__"] if k])
         micro = [to_device(batch, device) for batch in micro]
 
-        optimizer.zero_grad(set_to_none=True)
+        applied = []
         if accumulate == 1:
-            with autocast():
-                loss, logs = model(micro[0])
-            loss.backward()
-        else:  # the loss sees all micro-batches at once (GradCache); see contrastive.accumulate
-            loss, logs = cached_accumulation(
-                lambda b: model(b, embed_only=True), loss_fn, micro, autocast=autocast,
-                replay_context=lambda i: model.no_sync() if i < accumulate - 1 and hasattr(model, "no_sync") else nullcontext(),
-            )
-        norm = grad_norm(parameters)
-        global_loss = sum(v for k, v in logs.items() if k.startswith("loss/"))
-        if not (math.isfinite(float(global_loss)) and math.isfinite(float(norm))):
-            # Skip the update (every rank sees the same all-reduced values, so all skip together).
+            loss, logs = engine(micro[0])
+            ok = finite(loss, logs)
+            if ok:
+                engine.backward(loss)
+                applied.append(engine.step())
+        else:  # the loss sees all micro-batches at once (GradCache)
+            def backward(surrogate: torch.Tensor) -> None:
+                engine.backward(surrogate)
+                applied.append(engine.step())
+
+            loss, logs = cached_accumulation(lambda b: engine(b, embed_only=True), loss_fn, micro,
+                                             backward=backward, proceed=finite)
+            ok = finite(loss, logs)
+        global_loss = float(sum(v for k, v in logs.items() if k.startswith("loss/")))
+        if ok and all(applied):
+            bad_in_a_row = 0
+        else:
             state.skipped_steps += 1
             bad_in_a_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", state.step + 1, bad_in_a_row)
+            log.warning("step %d: non-finite %s, update skipped (%d in a row)", state.step + 1,
+                        "gradient" if ok else "loss", bad_in_a_row)
             if bad_in_a_row >= max_bad_steps:
                 raise FloatingPointError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
                     "checkpoint predates them: lower the learning rate or check the data, then resume."
                 )
-        else:
-            bad_in_a_row = 0
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
         state.step += 1
 
         window["samples"] += sum(len(b["__key__"]) for b in micro) * world_size()
         window["time"] += time.perf_counter() - t0
         window["data_time"] += t_data
-        window["steps"] += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(global_loss):.3f}", sps=f"{window['samples'] / max(window['time'], 1e-9):.0f}")
+            bar.set_postfix(loss=f"{global_loss:.3f}", sps=f"{window['samples'] / max(window['time'], 1e-9):.0f}")
 
         if state.step % log_every == 0 or state.step == end:
             state.counts.update(sum_counts(local_counts))
@@ -179,9 +168,9 @@ def train_loop(
             check_bad_fraction(state.counts, max_fraction=max_bad_fraction, min_slots=bad_check_after)
             metrics = {k: float(v) for k, v in logs.items()}
             metrics.update({
-                "loss": float(global_loss),
-                "grad_norm": float(norm),
-                "lr": optimizer.param_groups[0]["lr"],
+                "loss": global_loss,
+                "grad_norm": engine.grad_norm(),
+                "lr": engine.lr,
                 "samples_per_s": window["samples"] / max(window["time"], 1e-9),
                 "data_wait_frac": window["data_time"] / max(window["time"], 1e-9),
                 "epoch": state.position.epoch,
@@ -192,7 +181,7 @@ def train_loop(
             window = dict.fromkeys(window, 0)
         if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
             logger.log(state.step, evaluate(state.step))
-        if save_every and state.step % save_every == 0 and state.step < max_steps:
+        if save_every and state.step % save_every == 0 and state.step < end:
             save(state)
 
     if bar is not None:

@@ -16,22 +16,25 @@ DEFAULT_PROMPTS = ["a photo of {label}", "{label}"]
 
 
 def load_model(path: Path):
-    """An export directory or a training checkpoint -> (model, prompts stored with it or None)."""
-    from contrastive.checkpoint import load_checkpoint, resolve_resume
+    """An export directory, a training checkpoint or a run directory (its latest checkpoint) ->
+    (model, the zero-shot prompts stored with it or None)."""
     from contrastive.export import CONFIG, load_pretrained
 
     if (path / CONFIG).exists():
         stored = json.loads((path / CONFIG).read_text()).get("eval", {}).get("prompts")
         return load_pretrained(path), stored or None
     from contrastive.builders import import_modules
+    from contrastive.checkpoint import read_meta, resolve_resume
+    from contrastive.engine import consolidated_state_dict
     from contrastive.model import ContrastiveModel
 
-    saved = load_checkpoint(resolve_resume(str(path), path))
-    cfg = saved["config"]
+    checkpoint = resolve_resume(str(path), path)
+    cfg = read_meta(checkpoint)["config"]
     import_modules(cfg.get("imports", []))
     model = ContrastiveModel.from_config({m: cfg["modality"].get(m) or {} for m in cfg["modalities"]},
                                          cfg["model"]["embed_dim"])
-    model.load_state_dict({k.removeprefix("model."): v for k, v in saved["model"].items() if k.startswith("model.")})
+    weights = consolidated_state_dict(checkpoint)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
     return model.eval(), cfg.get("eval", {}).get("prompts")
 
 

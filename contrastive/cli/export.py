@@ -20,19 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from contrastive.checkpoint import load_checkpoint, resolve_resume
+    from contrastive.checkpoint import read_meta, resolve_resume
     from contrastive.cli.evaluate import load_model
+    from contrastive.engine import consolidated_state_dict
     from contrastive.export import export_model
 
     path = resolve_resume(str(args.checkpoint), args.checkpoint)
-    saved = load_checkpoint(path)
-    model, _ = load_model(path)
-    scales = {k.removeprefix("loss.logit_scale."): float(v.exp().clamp(max=saved["config"]["loss"]["temperature"]["max_logit_scale"]))
-              for k, v in saved["model"].items() if k.startswith("loss.logit_scale.")}
-    cfg = saved["config"]
-    out = export_model(model, args.out_dir, logit_scales=scales,
-                       info={"steps": saved["state"]["step"], "train_data": cfg["data"]["train"],
-                             "checkpoint": str(path)})
+    meta = read_meta(path)
+    cfg = meta["config"]
+    model, prompts = load_model(path)
+    max_scale = cfg["loss"]["temperature"]["max_logit_scale"]
+    scales = {k.removeprefix("loss.logit_scale."): float(v.exp().clamp(max=max_scale))
+              for k, v in consolidated_state_dict(path).items() if k.startswith("loss.logit_scale.")}
+    out = export_model(model, args.out_dir, logit_scales=scales, prompts=prompts,
+                       info={"steps": meta["step"], "train_data": cfg["data"]["train"], "checkpoint": str(path)})
     print(f"exported {path} to {out}")
     return 0
 

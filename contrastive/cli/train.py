@@ -3,9 +3,12 @@
     contrastive-train experiment=demo
     contrastive-train experiment=demo modalities=[image,text] loss.temperature.learnable=false
     contrastive-train experiment=demo hydra.run.dir=runs/mine resume=latest
-    torchrun --nproc_per_node 2 -m contrastive.cli.train experiment=demo
+    torchrun --nproc_per_node 2 $(which contrastive-train) experiment=demo engine.zero_stage=2
+    deepspeed --num_gpus 2 $(which contrastive-train) experiment=demo
+    srun --ntasks 8 contrastive-train ...        (see slurm/)
 
 This is the only place that reads the composed config; everything below it takes explicit arguments.
+The same code runs under every launcher: rank and world size come from the environment.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,15 +40,21 @@ from contrastive.config import register_configs, validate
 from contrastive.data.pipeline import batches
 from contrastive.data.shards import DataError
 from contrastive.distributed import DistInfo, barrier, init_distributed, same_on_every_rank
+from contrastive.engine import Engine, consolidated_state_dict, deepspeed_config
 from contrastive.evaluate import compute_metrics, embed_dataset, format_table
 from contrastive.export import export_model
+from contrastive.towers import apply_tower_settings
 from contrastive.tracking import MetricsLogger
-from contrastive.train import TrainState, autocast_for, train_loop
+from contrastive.train import TrainState, train_loop
 
 log = logging.getLogger("contrastive")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 register_configs()
+
+
+def plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -56,90 +66,77 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     torch.set_num_threads(compute_threads(cfg.trainer.threads, dist, cfg.data.num_workers))
     torch.manual_seed(cfg.trainer.seed)
 
-    modalities = build_modalities(cfg.modalities, OmegaConf.to_container(cfg.modality, resolve=True))
+    modalities = build_modalities(cfg.modalities, plain(cfg.modality))
     # LossConfig's fields are build_loss's keyword arguments: the config mirrors the object.
-    loss = build_loss(list(modalities), **OmegaConf.to_container(cfg.loss, resolve=True))
-    objective = build_objective(modalities, embed_dim=cfg.model.embed_dim, loss=loss).to(dist.device)
+    loss = build_loss(list(modalities), **plain(cfg.loss))
+    objective = build_objective(modalities, embed_dim=cfg.model.embed_dim, loss=loss)
+    apply_tower_settings(objective.model, plain(cfg.model.towers))
+    objective.to(dist.device)
     optimizer, scheduler = build_optimizer(
         objective,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler else None,
         total_steps=cfg.trainer.max_steps,
     )
+    engine = Engine(objective, optimizer, scheduler, deepspeed_config(
+        micro_batch_size=cfg.data.batch_size, world_size=dist.world_size, zero_stage=cfg.engine.zero_stage,
+        precision=cfg.trainer.precision, grad_clip=cfg.optim.grad_clip, accumulate=cfg.trainer.accumulate,
+        offload_optimizer=cfg.engine.offload_optimizer, user_config=cfg.engine.config,
+    ))
     data = partial(build_dataset, modalities=modalities, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
                    rank=dist.rank, world_size=dist.world_size)
-    train_set = data(OmegaConf.to_container(cfg.data.train) if OmegaConf.is_config(cfg.data.train) else cfg.data.train,
-                     batch_size=cfg.data.batch_size, train=True, shuffle_buffer=cfg.data.shuffle_buffer,
-                     resampled=cfg.data.resampled, epoch_samples=cfg.data.epoch_samples,
-                     modality_dropout=cfg.data.modality_dropout)
+    train_set = data(plain(cfg.data.train), batch_size=cfg.data.batch_size, train=True,
+                     shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+                     epoch_samples=cfg.data.epoch_samples, modality_dropout=plain(cfg.data.modality_dropout))
     eval_set = data(cfg.data.eval, batch_size=cfg.data.eval_batch_size, train=False) if cfg.data.eval else None
 
     state = TrainState()
     checkpoint = resolve_resume(cfg.resume, run_dir)
     if checkpoint is not None:
-        saved = load_checkpoint(checkpoint)
-        objective.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        state = TrainState.from_dict(saved["state"])
-        if saved["data"]["layout"] != train_set.layout():
+        meta, mine = load_checkpoint(checkpoint, engine)
+        if meta["data_layout"] != train_set.layout():
             raise DataError(
-                f"resume: the checkpoint's data position is for {saved['data']['layout']}, this run has "
+                f"resume: the checkpoint's data position is for {meta['data_layout']}, this run has "
                 f"{train_set.layout()}; exact resume needs the same ranks, workers and batch size")
+        state = TrainState.from_dict(meta["state"])
+        set_rng_state(mine["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step,
                  state.position.epoch, state.position.batch)
 
-    model = objective
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     config = OmegaConf.to_container(cfg, resolve=True)
     if dist.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     logger = MetricsLogger(run_dir, enabled=dist.is_main, wandb_mode=cfg.logger.wandb, project=cfg.logger.project,
                            tensorboard=cfg.logger.tensorboard, config=config)
-    autocast = autocast_for(cfg.trainer.precision, dist.device)
 
     def evaluate(step: int) -> dict[str, float]:
-        embedded = embed_dataset(objective.model, eval_set, device=dist.device,
-                                 max_samples=cfg.eval.max_samples, autocast=autocast)
+        embedded = embed_dataset(objective.model, eval_set, device=dist.device, max_samples=cfg.eval.max_samples)
         metrics = compute_metrics(objective.model, embedded, prompts=list(cfg.eval.prompts),
                                   text_modality=cfg.eval.text_modality)
         if dist.is_main:
             log.info("evaluation at step %d on %s\n%s", step, cfg.data.eval, format_table(metrics))
         return {f"eval/{k}": v for k, v in metrics.items()}
 
-    def save(state: TrainState) -> None:
-        if dist.is_main:
-            save_checkpoint(run_dir, state.step, {
-                "model": objective.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_state(),
-                "state": state.to_dict(),
-                # every stream's position follows from (epoch, batch) and this layout; written out
-                # so that a reader of the checkpoint sees where each rank and worker stands
-                "data": {"layout": train_set.layout(), "epoch": state.position.epoch,
-                         "streams": {r: train_set.stream_position(state.position.batch) for r in range(dist.world_size)}},
-                "config": config,
-            }, keep_last=cfg.trainer.keep_last)
-        barrier()
+    def save(state: TrainState) -> Path:
+        return save_checkpoint(run_dir, state.step, engine, keep_last=cfg.trainer.keep_last, rank_state={"rng": rng_state()},
+                               meta={
+                                   "state": state.to_dict(),
+                                   # each stream's position follows from (epoch, batch) and the layout;
+                                   # written out so a reader sees where every rank and worker stands
+                                   "data_layout": train_set.layout(),
+                                   "data_streams": {r: train_set.stream_position(state.position.batch)
+                                                    for r in range(dist.world_size)},
+                                   "config": config,
+                               })
 
     state = train_loop(
-        model=model,
+        engine=engine,
         loss_fn=objective.loss,
-        parameters=[p for p in objective.parameters() if p.requires_grad],
-        optimizer=optimizer,
-        scheduler=scheduler,
         batches=batches(train_set, state.position, pin_memory=dist.device.type == "cuda"),
         state=state,
         max_steps=cfg.trainer.max_steps,
         stop_at_step=cfg.trainer.stop_at_step,
         device=dist.device,
-        autocast=autocast,
-        grad_clip=cfg.optim.grad_clip,
         log_every=cfg.trainer.log_every,
         eval_every=cfg.trainer.eval_every,
         save_every=cfg.trainer.save_every,
@@ -148,11 +145,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger=logger,
         progress=cfg.trainer.progress,
         accumulate=cfg.trainer.accumulate,
+        max_bad_steps=cfg.trainer.max_bad_steps,
         max_bad_fraction=cfg.data.max_bad_fraction,
         bad_check_after=cfg.data.bad_check_after,
         record_keys=KeyRecorder(run_dir, dist.rank) if cfg.trainer.record_keys else None,
     )
-    save(state)
+    final = save(state)
     if state.step < cfg.trainer.max_steps:
         log.info("stopped at step %d of %d (trainer.stop_at_step); resume with resume=latest", state.step,
                  cfg.trainer.max_steps)
@@ -162,7 +160,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     logger.log(state.step, metrics)
     logger.close()
     if dist.is_main:
-        _report(cfg, run_dir, objective, state, metrics, dist)
+        _report(cfg, run_dir, objective, final, state, metrics, dist)
+    barrier()
     return metrics
 
 
@@ -190,20 +189,27 @@ class KeyRecorder:
             f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
-def _report(cfg: DictConfig, run_dir: Path, objective: Any, state: TrainState, metrics: dict[str, float],
-            dist: DistInfo) -> None:
+def _report(cfg: DictConfig, run_dir: Path, objective: Any, checkpoint: Path, state: TrainState,
+            metrics: dict[str, float], dist: DistInfo) -> None:
     bad = {k: v for k, v in state.counts.items() if k.startswith("bad/")}
-    log.info("data: %d samples trained on; bad input skipped and counted: %s", state.counts.get("samples", 0),
-             bad or "none")
+    log.info("data: %d samples trained on; bad input skipped and counted: %s; steps skipped for non-finite "
+             "values: %d", state.counts.get("samples", 0), bad or "none", state.skipped_steps)
     if cfg.export:
+        # From the checkpoint, not the live module: ZeRO partitions and mixed-precision master
+        # weights are gathered into one fp32 state dict.
+        weights = consolidated_state_dict(checkpoint)
+        model = objective.model
+        model_state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+        scales = {k.removeprefix("loss.logit_scale."): float(v.exp().clamp(max=objective.loss.temperatures[
+            k.removeprefix("loss.logit_scale.")].max_logit_scale)) for k, v in weights.items()
+            if k.startswith("loss.logit_scale.")}
         out = export_model(
-            objective.model,
-            run_dir / "export",
-            logit_scales={k: float(v.detach()) for k, v in objective.loss.scales().items()},
+            model, run_dir / "export", state_dict=model_state, logit_scales=scales,
             metrics={k.removeprefix("eval/"): v for k, v in metrics.items()},
-            info={"steps": state.step, "train_data": cfg.data.train, "eval_data": cfg.data.eval,
-                  "global_batch_size": cfg.data.batch_size * dist.world_size * cfg.trainer.accumulate, "epochs_seen": state.position.epoch,
-                  "samples_seen": state.counts.get("samples", 0)},
+            info={"steps": state.step, "train_data": plain(cfg.data.train), "eval_data": cfg.data.eval,
+                  "global_batch_size": cfg.data.batch_size * dist.world_size * cfg.trainer.accumulate,
+                  "epochs_seen": state.position.epoch, "samples_seen": state.counts.get("samples", 0),
+                  "zero_stage": cfg.engine.zero_stage, "precision": cfg.trainer.precision},
             prompts=list(cfg.eval.prompts),
         )
         log.info("exported to %s", out)
@@ -216,6 +222,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # The DeepSpeed launcher appends --local_rank=N to the script's arguments; the rank is in the
+    # environment (LOCAL_RANK) as well, and Hydra would take the flag for an override.
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _hydra_main()
 

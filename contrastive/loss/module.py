@@ -57,20 +57,24 @@ class ContrastiveLoss(nn.Module):
                 raise ConfigError(f"loss.{key}: {unknown} are not configured pairs {names}")
         self.weights = {n: float((weights or {}).get(n, 1.0)) for n in names}
         self.temperatures = {n: (temperatures or {}).get(n, temperature) for n in names}
+        # Shape [1], not scalars: DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor
+        # cannot be viewed as (open_clip's `nonscalar_logit_scale` exists for the same reason).
         self.logit_scale = nn.ParameterDict({
-            n: nn.Parameter(torch.tensor(math.log(1.0 / t.init)), requires_grad=t.learnable)
+            n: nn.Parameter(torch.tensor([math.log(1.0 / t.init)]), requires_grad=t.learnable)
             for n, t in self.temperatures.items()
         })
         if kind == "siglip":
-            self.logit_bias = nn.ParameterDict({n: nn.Parameter(torch.tensor(float(bias_init))) for n in names})
+            self.logit_bias = nn.ParameterDict({n: nn.Parameter(torch.tensor([float(bias_init)])) for n in names})
 
     def scales(self) -> dict[str, torch.Tensor]:
-        return {n: p.exp().clamp(max=self.temperatures[n].max_logit_scale) for n, p in self.logit_scale.items()}
+        """Each pair's logit scale, exp(param) clamped at its maximum, as a scalar."""
+        return {n: p.exp().clamp(max=self.temperatures[n].max_logit_scale).squeeze(0)
+                for n, p in self.logit_scale.items()}
 
     def pair_loss(self, name: str, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
                   label_ids: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "siglip":
-            return sigmoid_loss(a, b, valid, scale, self.logit_bias[name], label_ids=label_ids)
+            return sigmoid_loss(a, b, valid, scale, self.logit_bias[name].squeeze(0), label_ids=label_ids)
         return info_nce(a, b, valid, scale, label_ids=label_ids, tile_size=self.tile_size)
 
     def forward(

@@ -84,6 +84,13 @@ class Image(Modality):
             patch_dropout=self.patch_dropout,
         )
 
+    def from_open_clip(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This tower's weights from an open_clip CLIP state dict (its `visual.*` entries)."""
+        return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+
+    def to_open_clip(self, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"visual.{k}": v for k, v in tower.items()}
+
     def build_encoder(self, embed_dim: int) -> nn.Module:
         from open_clip.model import CLIPVisionCfg, _build_vision_tower
 

@@ -60,6 +60,18 @@ class Text(Modality):
             mlp_ratio=self.mlp_ratio,
         )
 
+    def from_open_clip(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This tower's weights from an open_clip state dict: CLIP keeps the text tower's tensors at
+        the top level (token_embedding, transformer, ln_final, text_projection, ...), CustomTextCLIP
+        under `text.`."""
+        if any(k.startswith("text.") for k in state):
+            return {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
+        return {k: v for k, v in state.items()
+                if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias", "attn_mask")}
+
+    def to_open_clip(self, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(tower)
+
     def build_encoder(self, embed_dim: int) -> nn.Module:
         from open_clip.model import CLIPTextCfg, _build_text_tower
 

@@ -1,0 +1,168 @@
+"""The one place the model is wrapped for training: a DeepSpeed engine, configured from explicit
+arguments (ZeRO stage, precision, clipping, accumulation, offload) or from a user's own JSON.
+
+DeepSpeed runs the same way on CPU (gloo, its CPU accelerator) and on GPUs (NCCL): the process
+group is the one `contrastive.distributed.init_distributed` joined. Our optimizer and schedule (torch
+objects built from the Hydra config) are handed to DeepSpeed, which then owns stepping them, mixed
+precision, gradient averaging and ZeRO partitioning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+log = logging.getLogger("contrastive.engine")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _quiet_deepspeed() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen anyway; said, it skips a warning
+    logging.getLogger("compilers.C.base").setLevel(logging.WARNING)  # DeepSpeed's probe for libaio
+    import deepspeed.ops
+
+    # On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at the first init (~30 s, needs
+    # a compiler); gloo's all-reduce is enough for what runs on CPU.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def deepspeed_config(
+    *,
+    micro_batch_size: int,
+    world_size: int,
+    zero_stage: int = 0,
+    precision: str = "fp32",
+    grad_clip: float = 1.0,
+    accumulate: int = 1,
+    offload_optimizer: bool = False,
+    user_config: str | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config for these settings; `user_config` (a JSON path or dict) is applied on top."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision: expected one of {PRECISIONS}, got {precision!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {zero_stage}")
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulate,
+        "train_batch_size": micro_batch_size * accumulate * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if offload_optimizer:
+        if zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    if user_config:
+        extra = json.loads(Path(user_config).read_text()) if isinstance(user_config, (str, os.PathLike)) else dict(user_config)
+        cfg = _merge(cfg, extra)
+    return cfg
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Engine:
+    """A DeepSpeed engine around the objective (model + loss)."""
+
+    def __init__(self, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 config: dict[str, Any]):
+        _quiet_deepspeed()
+        import deepspeed
+
+        self.config = config
+        self.objective = objective
+        self._norm: float | None = None
+        self.zero_stage = config["zero_optimization"]["stage"]
+        if config["zero_optimization"].get("offload_optimizer"):
+            # Offloaded optimizer states need DeepSpeed's CPU Adam (JIT-compiled once, ~1 minute).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            group = optimizer.param_groups[0]
+            optimizer = DeepSpeedCPUAdam(optimizer.param_groups, lr=group["lr"], betas=group["betas"],
+                                         eps=group["eps"], weight_decay=group["weight_decay"], adamw_mode=True)
+            if scheduler is not None:
+                scheduler.optimizer = optimizer
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+            dist_init_required=False,
+        )
+
+    # -- the training step ---------------------------------------------------------------------
+    def __call__(self, batch: Mapping[str, Any], embed_only: bool = False):
+        return self.engine(batch, embed_only=embed_only)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already the whole step's (cached accumulation): no division by micro-steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> bool:
+        """Ends a micro-step (an optimizer step at the accumulation boundary). Returns False when
+        the update was skipped for non-finite gradients."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self.zero_stage == 0 and not self.config["fp16"]["enabled"]:
+            # ZeRO 1-3 and fp16 detect overflow themselves; stage 0 would apply it. Gradients are
+            # averaged over ranks by now, so every rank sees the same verdict.
+            grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+            self._norm = float(torch.stack([g.detach().float().norm() for g in grads]).norm()) if grads else 0.0
+            if not math.isfinite(self._norm):
+                for p in self.objective.parameters():
+                    p.grad = None  # a step without gradients changes no weight nor moment
+                self.engine.step()
+                return False
+        self.engine.step()
+        return (not boundary) or self.engine.was_step_applied()
+
+    def grad_norm(self) -> float:
+        """The last optimizer step's global gradient norm (before clipping)."""
+        norm = self._norm if self.zero_stage == 0 and self._norm is not None else self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {directory}")
+        return client_state or {}
+
+
+def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The objective's full fp32 state dict from a checkpoint directory written by `Engine.save`,
+    whatever its ZeRO stage (stages 1-3: gathered from the partitions by DeepSpeed's zero_to_fp32)."""
+    ckpt = Path(checkpoint_dir)
+    states = ckpt / "mp_rank_00_model_states.pt"
+    model_states = torch.load(states, map_location="cpu", weights_only=False)
+    stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage >= 1 and any(ckpt.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        state = model_states["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,107 @@
+"""Tower control: initialise a tower from a local file, freeze it (or all but its last blocks), and
+turn on activation checkpointing. Works on any tower: open_clip's, timm's, or a user modality's."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from contrastive.modalities.base import ConfigError, Modality
+
+log = logging.getLogger("contrastive")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def tower_state(name: str, modality: Modality, path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of tower `name` from `path`: one of our exports (a directory), a file holding our
+    model's weights (`encoders.<name>.*`), an open_clip checkpoint (the modality maps its keys), or a
+    bare state dict of the tower itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise ConfigError(f"model.towers.{name}.init: {path} does not exist")
+    state = _read_state_dict(path)
+    for prefix in (f"encoders.{name}.", f"model.encoders.{name}."):
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    from_open_clip = getattr(modality, "from_open_clip", None)
+    if from_open_clip is not None:
+        mapped = from_open_clip(state)
+        if mapped:
+            return mapped
+    return state
+
+
+def init_tower(name: str, encoder: nn.Module, modality: Modality, path: str | Path) -> None:
+    state = tower_state(name, modality, path)
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"model.towers.{name}.init: {path} does not fit the {name} tower: "
+                          f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    log.info("initialised the %s tower from %s (%d tensors)", name, path, len(state))
+
+
+def _blocks(encoder: nn.Module) -> nn.ModuleList | None:
+    """The tower's sequence of transformer blocks: the longest ModuleList/Sequential inside it."""
+    lists = [m for m in encoder.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
+    return max(lists, key=len) if lists else None
+
+
+def freeze_tower(name: str, encoder: nn.Module, unlocked_blocks: int = 0) -> int:
+    """Freezes the tower, except its last `unlocked_blocks` blocks and whatever comes after the
+    blocks (final norm, pooling, projection). Returns the number of trainable tensors left."""
+    params = list(encoder.named_parameters())
+    for _, p in params:
+        p.requires_grad = False
+    if unlocked_blocks > 0:
+        blocks = _blocks(encoder)
+        if blocks is None:
+            raise ConfigError(f"model.towers.{name}.unlocked_blocks: the {name} tower has no block list")
+        unlocked_blocks = min(unlocked_blocks, len(blocks))
+        for block in list(blocks)[-unlocked_blocks:]:
+            for p in block.parameters():
+                p.requires_grad = True
+        block_params = {id(p) for p in blocks.parameters()}
+        last_block_index = max(i for i, (_, p) in enumerate(params) if id(p) in block_params)
+        for _, p in params[last_block_index + 1:]:
+            p.requires_grad = True
+    trainable = sum(p.requires_grad for _, p in params)
+    log.info("%s tower frozen%s: %d of %d tensors train", name,
+             f" but its last {unlocked_blocks} blocks" if unlocked_blocks else "", trainable, len(params))
+    return trainable
+
+
+TOWER_FIELDS = {"freeze": False, "unlocked_blocks": 0, "init": None, "grad_checkpointing": False}
+
+
+def apply_tower_settings(model: Any, settings: dict[str, dict[str, Any]]) -> None:
+    """model.towers.<name>: {init, freeze, unlocked_blocks, grad_checkpointing}, in that order."""
+    for name, fields in settings.items():
+        if name not in model.encoders:
+            raise ConfigError(f"model.towers.{name}: no such tower among {list(model.encoders)}")
+        unknown = sorted(set(fields) - set(TOWER_FIELDS))
+        if unknown:
+            raise ConfigError(f"model.towers.{name}: unknown key(s) {unknown}; a tower takes {sorted(TOWER_FIELDS)}")
+        f = {**TOWER_FIELDS, **fields}
+        if f["init"]:
+            init_tower(name, model.encoders[name], model.modalities[name], f["init"])
+        if f["freeze"]:
+            freeze_tower(name, model.encoders[name], f["unlocked_blocks"])
+        if f["grad_checkpointing"]:
+            model.set_grad_checkpointing([name])
