@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +28,8 @@ def _quiet_deepspeed() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen anyway; said, it skips a warning
     logging.getLogger("compilers.C.base").setLevel(logging.WARNING)  # DeepSpeed's probe for libaio
+    # DeepSpeed 0.19 still calls collectives that torch 2.13 renamed; the old names work.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
     import deepspeed.ops
 
     # On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at the first init (~30 s, needs
@@ -156,7 +159,9 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torc
     """The objective's full fp32 state dict from a checkpoint directory written by `Engine.save`,
     whatever its ZeRO stage (stages 1-3: gathered from the partitions by DeepSpeed's zero_to_fp32)."""
     ckpt = Path(checkpoint_dir)
-    states = ckpt / "mp_rank_00_model_states.pt"
+    # ZeRO-3 names its model states per partition; rank 0's holds the config and the module skeleton.
+    states = next(p for p in (ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                  if p.exists())
     model_states = torch.load(states, map_location="cpu", weights_only=False)
     stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage >= 1 and any(ckpt.glob("*optim_states.pt")):

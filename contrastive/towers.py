@@ -50,38 +50,55 @@ def tower_state(name: str, modality: Modality, path: str | Path) -> dict[str, to
 
 def init_tower(name: str, encoder: nn.Module, modality: Modality, path: str | Path) -> None:
     state = tower_state(name, modality, path)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"model.towers.{name}.init: {path} does not fit the {name} tower: "
-                          f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                    if k in state and state[k].shape != v.shape)
+    if missing or unexpected or shapes:
+        raise ConfigError(f"model.towers.{name}.init: {path} does not fit the {name} tower: missing "
+                          f"{missing[:8]}, unexpected {unexpected[:8]}, other shapes {shapes[:8]}")
+    encoder.load_state_dict(state)
     log.info("initialised the %s tower from %s (%d tensors)", name, path, len(state))
 
 
-def _blocks(encoder: nn.Module) -> nn.ModuleList | None:
-    """The tower's sequence of transformer blocks: the longest ModuleList/Sequential inside it."""
-    lists = [m for m in encoder.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
-    return max(lists, key=len) if lists else None
+def _blocks(encoder: nn.Module) -> nn.Module | None:
+    """The tower's stack of transformer blocks: among lists of two or more modules of one class,
+    the one holding the most parameters (a block's own small Sequential, e.g. an MLP, loses)."""
+    stacks = [m for m in encoder.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2
+              and len({type(c) for c in m}) == 1]
+    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def _after_blocks(encoder: nn.Module, blocks: nn.Module) -> list[nn.Parameter]:
+    """Parameters that act after the blocks: those of modules registered after the block stack
+    (final norm, pooling, head) and the tower's own projection tensors (open_clip's `proj`,
+    `text_projection`)."""
+    inside = {id(m) for m in blocks.modules()}
+    seen_blocks, after = False, []
+    for module in encoder.modules():
+        if id(module) in inside:
+            seen_blocks = True
+        elif seen_blocks and not any(id(m) in inside for m in module.modules()):
+            after.extend(module.parameters(recurse=False))
+    after.extend(p for name, p in encoder.named_parameters(recurse=False) if "proj" in name or "head" in name)
+    return after
 
 
 def freeze_tower(name: str, encoder: nn.Module, unlocked_blocks: int = 0) -> int:
-    """Freezes the tower, except its last `unlocked_blocks` blocks and whatever comes after the
-    blocks (final norm, pooling, projection). Returns the number of trainable tensors left."""
-    params = list(encoder.named_parameters())
-    for _, p in params:
+    """Freezes the tower, except its last `unlocked_blocks` blocks and what acts after them (final
+    norm, pooling, projection). Returns the number of trainable tensors left."""
+    params = list(encoder.parameters())
+    for p in params:
         p.requires_grad = False
     if unlocked_blocks > 0:
         blocks = _blocks(encoder)
         if blocks is None:
             raise ConfigError(f"model.towers.{name}.unlocked_blocks: the {name} tower has no block list")
         unlocked_blocks = min(unlocked_blocks, len(blocks))
-        for block in list(blocks)[-unlocked_blocks:]:
-            for p in block.parameters():
-                p.requires_grad = True
-        block_params = {id(p) for p in blocks.parameters()}
-        last_block_index = max(i for i, (_, p) in enumerate(params) if id(p) in block_params)
-        for _, p in params[last_block_index + 1:]:
+        for p in [p for block in list(blocks)[-unlocked_blocks:] for p in block.parameters()] + _after_blocks(encoder, blocks):
             p.requires_grad = True
-    trainable = sum(p.requires_grad for _, p in params)
+    trainable = sum(p.requires_grad for p in params)
     log.info("%s tower frozen%s: %d of %d tensors train", name,
              f" but its last {unlocked_blocks} blocks" if unlocked_blocks else "", trainable, len(params))
     return trainable

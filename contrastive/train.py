@@ -93,8 +93,10 @@ def train_loop(
     max_bad_fraction: float = 1.0,
     bad_check_after: int = 0,
     record_keys: Callable[[int, list[str]], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainState:
-    """Trains from `state.step` to `max_steps` (or `stop_at_step`, earlier, of the same schedule).
+    """Trains from `state.step` to `max_steps` (or `stop_at_step`, earlier, of the same schedule, or
+    until `stop_requested()`, asked after every step).
 
     `engine` wraps the objective (contrastive.engine.Engine): engine(batch) -> (loss, logs),
     engine.backward(loss), engine.step() -> applied. Each step takes `accumulate` batches, which
@@ -183,6 +185,8 @@ def train_loop(
             logger.log(state.step, evaluate(state.step))
         if save_every and state.step % save_every == 0 and state.step < end:
             save(state)
+        if stop_requested is not None and stop_requested():
+            break  # the caller checkpoints
 
     if bar is not None:
         bar.close()

@@ -43,6 +43,7 @@ from contrastive.distributed import DistInfo, barrier, init_distributed, same_on
 from contrastive.engine import Engine, consolidated_state_dict, deepspeed_config
 from contrastive.evaluate import compute_metrics, embed_dataset, format_table
 from contrastive.export import export_model
+from contrastive.preemption import StopRequest
 from contrastive.towers import apply_tower_settings
 from contrastive.tracking import MetricsLogger
 from contrastive.train import TrainState, train_loop
@@ -129,6 +130,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                                    "config": config,
                                })
 
+    stop = StopRequest()
     state = train_loop(
         engine=engine,
         loss_fn=objective.loss,
@@ -149,12 +151,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         max_bad_fraction=cfg.data.max_bad_fraction,
         bad_check_after=cfg.data.bad_check_after,
         record_keys=KeyRecorder(run_dir, dist.rank) if cfg.trainer.record_keys else None,
+        stop_requested=stop.requested,
     )
     final = save(state)
     if state.step < cfg.trainer.max_steps:
-        log.info("stopped at step %d of %d (trainer.stop_at_step); resume with resume=latest", state.step,
-                 cfg.trainer.max_steps)
+        why = f"signal {stop.signal}" if stop.signal else "trainer.stop_at_step"
+        log.info("stopped at step %d of %d (%s), checkpoint %s; resume=latest continues from it", state.step,
+                 cfg.trainer.max_steps, why, final)
         logger.close()
+        stop.requeue_if_slurm()
         return {}
     metrics = evaluate(state.step) if eval_set is not None else {}
     logger.log(state.step, metrics)

@@ -23,6 +23,7 @@ from contrastive.data.decode import BatchDecoder
 from contrastive.data.shards import DataError
 from contrastive.data.sources import Source, exact_slots, resampled_slots, span
 from contrastive.modalities.base import Modality
+from contrastive.preemption import ignore_in_worker
 
 
 def group_slots(slots: Iterator[Any], *, batch_size: int, batches: int) -> Iterator[list[Any]]:
@@ -144,6 +145,7 @@ def make_loader(dataset: ShardDataset, *, pin_memory: bool = False) -> torch.uti
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_in_worker if workers else None,
     )
 
 
