@@ -106,6 +106,23 @@ class LoggerConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Read by contrastive-submit (sbatch options); contrastive-train runs wherever it is started."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1  # ranks per node: one per GPU
+    gpus_per_node: int = 0
+    cpus_per_task: int = 0
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "04:00:00"
+    job_name: str = "contrastive"
+    signal_seconds: int = 120  # SIGUSR1 this long before the time limit
+    sbatch: List[str] = field(default_factory=list)  # extra sbatch options
+    setup: List[str] = field(default_factory=list)  # shell lines run before srun
+
+
+@dataclass
 class TrainConfig:
     modalities: List[str] = field(default_factory=lambda: ["image", "audio", "text"])
     modality: Dict[str, Any] = field(default_factory=dict)  # <name>: that modality's dataclass fields
@@ -117,6 +134,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     imports: List[str] = field(default_factory=list)  # modules to import first (your own modalities)
     resume: Optional[str] = None  # latest | a checkpoint directory
     export: bool = True  # write export/ at the end of training

@@ -7,4 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install.sh
+# The SLURM tests start a real single-node cluster; its Debian packages come from here.
+bash slurm/local_cluster.sh install || echo "[test] SLURM could not be installed: its tests will say so and skip"
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,95 @@
+"""`contrastive-submit`: submit `contrastive-train` as a SLURM job.
+
+    contrastive-submit experiment=demo launcher.tasks_per_node=8 launcher.gpus_per_node=8 launcher.partition=gpu
+    contrastive-submit launcher=slurm_multinode launcher.nodes=4 experiment=demo hydra.run.dir=runs/big
+    contrastive-submit --dry-run experiment=demo         # print the batch script, submit nothing
+
+Takes the same overrides as contrastive-train (launcher=slurm unless another launcher is named),
+composes the configuration now, and writes into the run directory the composed config
+(`job_config.yaml`, which the job trains from, so later edits of configs/ do not change it) and the
+rendered batch script (`job.sbatch`). The job runs one task per rank through srun, checkpoints and
+requeues itself on SIGUSR1 ahead of its time limit, and resumes from `latest` in the same run
+directory after a requeue or a preemption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch.template"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from contrastive.cli.train import CONFIG_DIR
+    from contrastive.config import register_configs, validate
+
+    register_configs()
+    if not any(o.startswith("launcher=") for o in overrides):
+        overrides = ["launcher=slurm", *overrides]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    run_dir = Path(str(cfg.hydra.run.dir)).resolve()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+    return cfg, run_dir
+
+
+def render(cfg, run_dir: Path, script: Path) -> str:
+    launcher = cfg.launcher
+    optional = []
+    if launcher.gpus_per_node:
+        optional.append(f"#SBATCH --gpus-per-node={launcher.gpus_per_node}")
+    if launcher.cpus_per_task:
+        optional.append(f"#SBATCH --cpus-per-task={launcher.cpus_per_task}")
+    if launcher.partition:
+        optional.append(f"#SBATCH --partition={launcher.partition}")
+    if launcher.account:
+        optional.append(f"#SBATCH --account={launcher.account}")
+    optional += [f"#SBATCH {option}" for option in launcher.sbatch]
+    return TEMPLATE.read_text().format(
+        script=script, job_name=launcher.job_name, nodes=launcher.nodes, tasks_per_node=launcher.tasks_per_node,
+        time=launcher.time, run_dir=shlex.quote(str(run_dir)), signal_seconds=launcher.signal_seconds,
+        optional_lines="\n".join(optional), setup="\n".join(launcher.setup), python=shlex.quote(sys.executable),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="contrastive-submit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for contrastive-train")
+    args = parser.parse_args(argv)
+
+    cfg, run_dir = compose(args.overrides)
+    script = run_dir / "job.sbatch"
+    text = render(cfg, run_dir, script)
+    if args.dry_run:
+        print(text)
+        print(f"# (dry run: nothing written, nothing submitted; run directory would be {run_dir})", file=sys.stderr)
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "job_config.yaml", resolve=True)
+    script.write_text(text)
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"contrastive-submit: sbatch failed: {out.stderr.strip()}", file=sys.stderr)
+        return out.returncode
+    job = out.stdout.strip().split(";")[0]
+    print(f"submitted job {job}")
+    print(f"log: {run_dir / f'slurm-{job}.out'}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
