@@ -87,6 +87,7 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     progress: bool = True  # progress bar on the main rank
+    peak_tflops: float = 0.0  # one device's peak for MFU; 0: datasheet (known GPUs) or measured (CPU)
     record_keys: bool = False  # write the sample keys of every step to <run>/keys/rank<r>.jsonl
 
 

@@ -91,7 +91,7 @@ def retrieval_metrics(a: torch.Tensor, b: torch.Tensor, ks: Sequence[int] = (1, 
     greater = (sims > own).sum(dim=1).float()
     ties = (sims == own).sum(dim=1).float() - 1
     out = {f"R@{k}": float(((k - greater) / (ties + 1)).clamp(0, 1).mean()) for k in ks}
-    out["median_rank"] = float((greater + ties / 2 + 1).median())
+    out["median_rank"] = float(torch.quantile(greater + ties / 2 + 1, 0.5))  # the mean of the middle two for even n
     if labels is not None:
         best = sims.argmax(dim=1).tolist()
         out["label_R@1"] = sum(labels[j] == labels[i] for i, j in enumerate(best)) / len(best)

@@ -5,11 +5,13 @@
       config.json         embed dim, every modality's fields (preprocessing included), temperatures,
                           the tokenizer reference
       README.md           a model card: modalities, data, steps, metrics
+      open_clip/          the image and text towers in open_clip's format (when both are trained)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,7 +54,39 @@ def export_model(
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     (out / "README.md").write_text(model_card(config))
+    if {"image", "text"} <= set(model.modalities):
+        export_open_clip(model, state, out / "open_clip",
+                         logit_scale=dict(logit_scales or {}).get("image-text", 1 / 0.07))
     return out
+
+
+OPEN_CLIP_NAME = "contrastive-image-text"
+
+
+def export_open_clip(model: ContrastiveModel, state: Mapping[str, torch.Tensor], out_dir: Path, *,
+                     logit_scale: float) -> Path:
+    """The image and text towers in open_clip's own format, loadable by open_clip alone:
+
+        open_clip.create_model_and_transforms("local-dir:<out_dir>")
+        open_clip.add_model_config("<out_dir>/contrastive-image-text.json")
+        open_clip.create_model_and_transforms("contrastive-image-text", pretrained="<out_dir>/open_clip_model.safetensors")
+    """
+    image, text = model.modalities["image"], model.modalities["text"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for name, modality in (("image", image), ("text", text)):
+        prefix = f"encoders.{name}."
+        weights.update(modality.to_open_clip({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}))
+    weights["logit_scale"] = torch.tensor(math.log(logit_scale))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "open_clip_model.safetensors"))
+    model_cfg = {"embed_dim": model.embed_dim, "vision_cfg": dict(image.open_clip_vision_cfg),
+                 "text_cfg": dict(text.open_clip_text_cfg)}
+    preprocess = {"size": image.image_size, "mean": list(image.mean), "std": list(image.std),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (out_dir / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")
+    (out_dir / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
+    return out_dir
 
 
 def _tokenizer_reference(model: ContrastiveModel) -> dict[str, Any]:

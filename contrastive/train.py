@@ -94,6 +94,8 @@ def train_loop(
     bad_check_after: int = 0,
     record_keys: Callable[[int, list[str]], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    flops_per_sample: float = 0.0,
+    peak_flops: float = 0.0,
 ) -> TrainState:
     """Trains from `state.step` to `max_steps` (or `stop_at_step`, earlier, of the same schedule, or
     until `stop_requested()`, asked after every step).
@@ -160,9 +162,12 @@ def train_loop(
         window["samples"] += sum(len(b["__key__"]) for b in micro) * world_size()
         window["time"] += time.perf_counter() - t0
         window["data_time"] += t_data
+        sps = window["samples"] / max(window["time"], 1e-9)
+        mfu = flops_per_sample * sps / (peak_flops * world_size()) if peak_flops else float("nan")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{global_loss:.3f}", sps=f"{window['samples'] / max(window['time'], 1e-9):.0f}")
+            bar.set_postfix(loss=f"{global_loss:.3f}", samples_s=f"{sps:.0f}",
+                            data_wait=f"{window['data_time'] / max(window['time'], 1e-9):.0%}", mfu=f"{mfu:.1%}")
 
         if state.step % log_every == 0 or state.step == end:
             state.counts.update(sum_counts(local_counts))
@@ -173,7 +178,8 @@ def train_loop(
                 "loss": global_loss,
                 "grad_norm": engine.grad_norm(),
                 "lr": engine.lr,
-                "samples_per_s": window["samples"] / max(window["time"], 1e-9),
+                "samples_per_s": sps,
+                "mfu": mfu,
                 "data_wait_frac": window["data_time"] / max(window["time"], 1e-9),
                 "epoch": state.position.epoch,
                 "skipped_steps": state.skipped_steps,

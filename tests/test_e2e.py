@@ -4,6 +4,8 @@ standalone evaluation and export."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -78,3 +80,29 @@ def test_loss_options_train_through_the_cli(demo_data, tmp_path, options):
     assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in rows)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     assert cfg.trainer.accumulate in (2, 3)
+
+
+def test_open_clip_loads_the_exported_image_text_towers(demo_run):
+    import open_clip
+    from PIL import Image
+
+    import contrastive
+
+    run_dir, _ = demo_run
+    ours = contrastive.load_pretrained(run_dir / "export")
+    folder = run_dir / "export" / "open_clip"
+    by_dir, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    open_clip.add_model_config(folder / "contrastive-image-text.json")
+    by_name, _, _ = open_clip.create_model_and_transforms("contrastive-image-text",
+                                                         pretrained=str(folder / "open_clip_model.safetensors"))
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    images = [Image.fromarray((torch.rand(40, 30, 3) * 255).byte().numpy()) for _ in range(3)]
+    captions = ["the digit seven", "a photo of the number two", "nine"]
+    for clip in (by_dir.eval(), by_name.eval()):
+        with torch.no_grad():
+            img = clip.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
+            txt = clip.encode_text(tokenizer(captions), normalize=True)
+        assert torch.allclose(img, ours.embed("image", images), atol=1e-5)
+        assert torch.allclose(txt, ours.embed("text", captions), atol=1e-5)
+        assert clip.logit_scale.exp().item() == pytest.approx(
+            json.loads((run_dir / "export" / "config.json").read_text())["logit_scale"]["image-text"], rel=1e-5)

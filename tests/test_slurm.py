@@ -92,7 +92,12 @@ def signal_and_wait_for_requeue(job: str, restarts: int) -> None:
     subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends
     wait_for(lambda: int(job_info(job).get("Restarts", 0)) == restarts and job_info(job)["JobState"] == "PENDING",
              120, f"job {job} to requeue itself")
-    # SLURM holds a requeued job for two minutes before it may start again; let it start now.
+    # SLURM holds a requeued job for two minutes before it may start again; once the node has
+    # finished with its first run (starting it earlier fails its launch: "credential revoked"), let
+    # it start now.
+    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() == "idle",
+             120, "the node to finish with the job's previous run")
+    time.sleep(1)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 

@@ -43,9 +43,11 @@ from contrastive.distributed import DistInfo, barrier, init_distributed, same_on
 from contrastive.engine import Engine, consolidated_state_dict, deepspeed_config
 from contrastive.evaluate import compute_metrics, embed_dataset, format_table
 from contrastive.export import export_model
+from contrastive.flops import peak_flops, training_flops_per_sample
 from contrastive.preemption import StopRequest
 from contrastive.towers import apply_tower_settings
-from contrastive.tracking import MetricsLogger
+from contrastive.plots import write_plots
+from contrastive.tracking import MetricsLogger, read_metrics
 from contrastive.train import TrainState, train_loop
 
 log = logging.getLogger("contrastive")
@@ -114,9 +116,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         embedded = embed_dataset(objective.model, eval_set, device=dist.device, max_samples=cfg.eval.max_samples)
         metrics = compute_metrics(objective.model, embedded, prompts=list(cfg.eval.prompts),
                                   text_modality=cfg.eval.text_modality)
+        out = {f"eval/{k}": v for k, v in metrics.items()}
         if dist.is_main:
             log.info("evaluation at step %d on %s\n%s", step, cfg.data.eval, format_table(metrics))
-        return {f"eval/{k}": v for k, v in metrics.items()}
+            write_plots(run_dir, read_metrics(run_dir) + [{"step": step, **out}], embedded)
+        return out
 
     def save(state: TrainState) -> Path:
         return save_checkpoint(run_dir, state.step, engine, keep_last=cfg.trainer.keep_last, rank_state={"rng": rng_state()},
@@ -130,6 +134,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                                    "config": config,
                                })
 
+    tower_flops = training_flops_per_sample(objective.model)
+    peak, peak_source = peak_flops(dist.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
+    if dist.is_main:
+        log.info("training FLOPs per sample: %s (%.3g GFLOP); peak %.3g TFLOP/s per device (%s)",
+                 ", ".join(f"{k} {v / 1e9:.3g} GFLOP" for k, v in tower_flops.items()),
+                 sum(tower_flops.values()) / 1e9, peak / 1e12, peak_source)
     stop = StopRequest()
     state = train_loop(
         engine=engine,
@@ -152,6 +162,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         bad_check_after=cfg.data.bad_check_after,
         record_keys=KeyRecorder(run_dir, dist.rank) if cfg.trainer.record_keys else None,
         stop_requested=stop.requested,
+        flops_per_sample=sum(tower_flops.values()),
+        peak_flops=peak,
     )
     final = save(state)
     if state.step < cfg.trainer.max_steps:
@@ -164,6 +176,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     metrics = evaluate(state.step) if eval_set is not None else {}
     logger.log(state.step, metrics)
     logger.close()
+    if dist.is_main and eval_set is None:
+        write_plots(run_dir, read_metrics(run_dir))
     if dist.is_main:
         _report(cfg, run_dir, objective, final, state, metrics, dist)
     barrier()

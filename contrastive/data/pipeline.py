@@ -11,6 +11,7 @@ from it, each worker knows how many of its batches to skip, without decoding the
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.loader_workers = num_workers  # DataLoader processes; 0 reads in the training process
         self.num_workers = max(num_workers, 1)  # streams the epoch is split into on this rank
         self.epoch, self.start_batch = 0, 0
+        self.endless = False  # True: epoch after epoch from (epoch, start_batch), for training
 
     @property
     def global_workers(self) -> int:
@@ -99,13 +101,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """What an exact resume needs to be unchanged."""
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size}
 
-    def slots(self, stream: int) -> Iterator[dict[str, Any]]:
+    def slots(self, stream: int, epoch: int) -> Iterator[dict[str, Any]]:
         worker = self.rank * self.num_workers + stream
         if self.resampled:
             lo, hi = span(self.total, worker, self.global_workers)
-            rng = random.Random(f"resampled/{self.seed}/{self.epoch}/{worker}")
+            rng = random.Random(f"resampled/{self.seed}/{epoch}/{worker}")
             return resampled_slots(self.sources, rng=rng, count=hi - lo)
-        return exact_slots(self.sources, seed=self.seed, epoch=self.epoch, shuffle=self.train, worker=worker,
+        return exact_slots(self.sources, seed=self.seed, epoch=epoch, shuffle=self.train, worker=worker,
                            workers=self.global_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -115,15 +117,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         # DataLoader takes batches from its workers in turn, starting with worker 0: in the epoch's
         # order, batch i comes from stream i % W. A loader resumed at batch `start_batch` starts with
         # stream start_batch % W, so its worker k reads stream (k + start_batch) % W; each stream
-        # skips the batches it had already produced, without decoding them.
+        # skips the batches it had already produced, without decoding them. Every stream makes the
+        # same number of batches an epoch, so the rotation holds across epochs too.
         stream = ((info.id if info is not None else 0) + self.start_batch) % self.num_workers
         skip = self.stream_position(self.start_batch)[stream]
-        decoder = BatchDecoder(self.modalities, train=self.train, seed=self.seed, epoch=self.epoch,
+        epochs = itertools.count(self.epoch) if self.endless else [self.epoch]
+        for epoch in epochs:
+            yield from self.epoch_batches(epoch, stream, skip if epoch == self.epoch else 0)
+
+    def epoch_batches(self, epoch: int, stream: int, skip: int) -> Iterator[dict[str, Any]]:
+        """One stream's batches of one epoch, from its batch `skip` on."""
+        decoder = BatchDecoder(self.modalities, train=self.train, seed=self.seed, epoch=epoch,
                                modality_dropout=self.modality_dropout)
-        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank * self.num_workers + stream}")
+        rng = random.Random(f"samples/{self.seed}/{epoch}/{self.rank * self.num_workers + stream}")
         pipeline = wds.DataPipeline(
             # this worker's raw samples: bytes only, exactly its quota of slots
-            lambda: self.slots(stream),
+            lambda: self.slots(stream, epoch),
             # shuffle samples in a buffer seeded by (seed, epoch, worker)
             *([wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)] if self.shuffle_buffer else []),
             # fixed-size groups of slots, the same number on every worker
@@ -150,10 +159,12 @@ def make_loader(dataset: ShardDataset, *, pin_memory: bool = False) -> torch.uti
 
 
 def batches(dataset: ShardDataset, position: DataPosition, *, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
-    """Endless batches from `position` on, advancing `position` as each batch is handed out."""
-    while True:
-        dataset.epoch, dataset.start_batch = position.epoch, position.batch
-        for batch in make_loader(dataset, pin_memory=pin_memory):
-            position.batch += 1
-            yield batch
-        position.epoch, position.batch = position.epoch + 1, 0
+    """Endless batches from `position` on, advancing `position` as each batch is handed out. One
+    DataLoader streams epoch after epoch, so its workers are not restarted at each epoch."""
+    dataset.epoch, dataset.start_batch, dataset.endless = position.epoch, position.batch, True
+    per_epoch = len(dataset)
+    for batch in make_loader(dataset, pin_memory=pin_memory):
+        position.batch += 1
+        if position.batch == per_epoch:
+            position.epoch, position.batch = position.epoch + 1, 0
+        yield batch

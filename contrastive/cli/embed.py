@@ -1,0 +1,100 @@
+"""`contrastive-embed`: embed a dataset with an exported model; search the embeddings.
+
+    contrastive-embed embed runs/demo/export --data data/demo/heldout --out emb/heldout
+    contrastive-embed embed runs/demo/export --manifest pairs.csv --out emb/mine --modalities image text
+    torchrun --nproc_per_node 4 $(which contrastive-embed) embed runs/demo/export --data big/ --out emb/big
+    contrastive-embed search --index emb/heldout --query "the digit seven" --modality audio
+    contrastive-embed search --index emb/heldout --query clip.flac --query-modality audio --modality image
+
+Rerunning `embed` after an interruption skips the shards already finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def embed(args) -> int:
+    from contrastive.cli.evaluate import load_model
+    from contrastive.data.shards import list_shards
+    from contrastive.distributed import barrier, init_distributed
+    from contrastive.embed import embed_shards
+
+    dist = init_distributed()
+    data = args.data
+    if args.manifest:
+        from data_tools.shards import build_shards
+
+        data = args.out / "source_shards"
+        if dist.is_main and not (data / "sizes.json").exists():
+            build_shards(data, manifest=str(args.manifest), max_count=args.shard_size, workers=2)
+        barrier()
+    model, _ = load_model(args.model)
+    model.to(dist.device)
+    modalities = args.modalities or list(model.modalities)
+    unknown = [m for m in modalities if m not in model.modalities]
+    if unknown:
+        print(f"contrastive-embed: the model has no {unknown} tower (it has {list(model.modalities)})", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        (args.out / "embed.json").write_text(json.dumps({"model": str(Path(args.model).resolve()), "data": str(data),
+                                                         "modalities": modalities}, indent=1) + "\n")
+    result = embed_shards(model, list_shards(data), args.out, modalities=modalities, batch_size=args.batch_size,
+                          rank=dist.rank, world_size=dist.world_size)
+    print(f"rank {dist.rank}: embedded {result['embedded']} shards, skipped {result['skipped']} finished ones "
+          f"-> {args.out}")
+    barrier()
+    return 0
+
+
+def search(args) -> int:
+    import numpy as np
+
+    from contrastive.cli.evaluate import load_model
+    from contrastive.embed import load_embeddings, nearest
+
+    meta = json.loads((args.index / "embed.json").read_text())
+    model, _ = load_model(Path(args.model or meta["model"]))
+    index, keys, labels = load_embeddings(args.index, args.modality)
+    queries = model.embed(args.query_modality, args.query).numpy().astype(np.float32)
+    scores, top = nearest(index, queries, args.k)
+    for query, row_scores, row_top in zip(args.query, scores, top):
+        print(f"{args.query_modality} {query!r} -> nearest {args.modality} of {len(keys)}:")
+        for score, i in zip(row_scores, row_top):
+            label = f"  [{labels[i]}]" if labels[i] is not None else ""
+            print(f"  {score:7.4f}  {keys[i]}{label}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="contrastive-embed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("embed", help="embed every sample of a dataset, per modality")
+    e.add_argument("model", type=Path, help="an export directory, a checkpoint or a run directory")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="a dataset directory (shards + sizes.json)")
+    source.add_argument("--manifest", type=Path, help="a CSV/JSONL manifest (made into shards under --out first)")
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--modalities", nargs="+", help="default: every modality of the model")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--shard-size", type=int, default=1000, help="with --manifest: samples per shard")
+    s = sub.add_parser("search", help="nearest neighbours of a query among embedded samples")
+    s.add_argument("--index", type=Path, required=True, help="the --out directory of `embed`")
+    s.add_argument("--query", nargs="+", required=True, help="captions, or file paths for other modalities")
+    s.add_argument("--query-modality", default="text")
+    s.add_argument("--modality", required=True, help="the modality to search among")
+    s.add_argument("--model", help="default: the model the index was made with")
+    s.add_argument("-k", "--k", type=int, default=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return embed(args) if args.command == "embed" else search(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

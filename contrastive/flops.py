@@ -1,0 +1,60 @@
+"""FLOPs per sample of the towers and the hardware's peak, for the model FLOPs utilisation (MFU)
+the trainer reports.
+
+FLOPs are counted, not estimated by formula: torch's FlopCounterMode runs one sample forward and
+backward through a copy of every tower built on the meta device (no memory, no compute), so any
+modality's tower is counted the same way. The peak is the datasheet's dense figure for known GPUs
+(bf16/fp16 tensor cores; TF32 for fp32), `trainer.peak_tflops` when given, or on CPU a measured
+fp32 matrix-multiply throughput.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from contrastive.model import ContrastiveModel
+
+# Dense tensor-core TFLOP/s: (bf16/fp16, tf32)
+GPU_PEAKS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
+             "A10": (125.0, 62.5), "L4": (121.0, 60.0), "V100": (125.0, 15.7)}
+
+
+def training_flops_per_sample(model: ContrastiveModel) -> dict[str, float]:
+    """Forward + backward FLOPs of one sample through each tower."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = ContrastiveModel(model.modalities, model.embed_dim)
+    out = {}
+    for name, modality in model.modalities.items():
+        x = modality.empty()[None].to("meta")
+        with FlopCounterMode(display=False) as counter:
+            meta.encode(name, x).sum().backward()
+        out[name] = float(counter.get_total_flops())
+    return out
+
+
+def measured_cpu_peak(seconds: float = 0.3, n: int = 1024) -> float:
+    """FLOP/s of an fp32 matrix multiply with this process's threads (the practical CPU peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.0) -> tuple[float, str]:
+    """(FLOP/s of one device, where the figure comes from)."""
+    if override_tflops:
+        return override_tflops * 1e12, "trainer.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in GPU_PEAKS.items():
+            if key in name:
+                return (half if precision in ("bf16", "fp16") else tf32) * 1e12, f"{name} datasheet"
+        return 0.0, f"unknown GPU {name}: set trainer.peak_tflops"
+    return measured_cpu_peak(), "measured CPU fp32 matmul"
