@@ -115,23 +115,17 @@ def test_unreadable_sizes_json_counts_the_shards(tmp_path):
     assert len(delivered) == 13
 
 
-def test_sizes_json_claiming_too_many(tmp_path):
+@pytest.mark.parametrize("claimed,kind,count,delivered", [
+    (7, "bad/short_shard", 2, 10),  # 2 slots the shard cannot fill: counted, the rest delivered
+    (3, "bad/sizes_mismatch", 2, 8),  # 2 samples never read: counted, not lost silently
+])
+def test_wrong_sizes_json(tmp_path, claimed, kind, count, delivered):
     path = write(tmp_path, [sample(i) for i in range(10)], shard_size=5)
     sizes = json.loads((path / "sizes.json").read_text())
-    sizes["part-000000.tar"] = 7
+    sizes["part-000001.tar"] = claimed
     (path / "sizes.json").write_text(json.dumps(sizes))
-    counts, delivered = run_epoch(path)
-    assert counts["bad/short_shard"] == 2 and len(delivered) == 10
-
-
-def test_sizes_json_claiming_too_few(tmp_path):
-    path = write(tmp_path, [sample(i) for i in range(10)], shard_size=5)
-    sizes = json.loads((path / "sizes.json").read_text())
-    sizes["part-000001.tar"] = 3
-    (path / "sizes.json").write_text(json.dumps(sizes))
-    counts, delivered = run_epoch(path)
-    assert counts["bad/sizes_mismatch"] == 2  # the two samples it never reads are counted, not lost silently
-    assert len(delivered) == 8
+    counts, got = run_epoch(path)
+    assert counts[kind] == count and len(got) == delivered
 
 
 def test_bad_fraction_stops_with_the_worst_shards(tmp_path):

@@ -64,17 +64,23 @@ class TiledCrossEntropy(torch.autograd.Function):
         return logits
 
     @staticmethod
-    def forward(ctx, rows, cols, scale, col_valid, targets, row_labels, col_labels, tile: int):
+    def _blocks(rows, cols, scale, col_valid, targets, row_labels, col_labels, tile):
+        """(r0, r1, c0, c1, masked logits of that block) for every [tile, tile] block."""
         n, total = rows.shape[0], cols.shape[0]
-        lse = torch.full((n,), float("-inf"), device=rows.device, dtype=rows.dtype)
+        for r0 in range(0, n, tile):
+            r1 = min(r0 + tile, n)
+            for c0 in range(0, total, tile):
+                c1 = min(c0 + tile, total)
+                yield r0, r1, c0, c1, TiledCrossEntropy._block(rows, cols, scale, col_valid, targets, row_labels,
+                                                               col_labels, r0, r1, c0, c1)
+
+    @staticmethod
+    def forward(ctx, rows, cols, scale, col_valid, targets, row_labels, col_labels, tile: int):
+        lse = torch.full((rows.shape[0],), float("-inf"), device=rows.device, dtype=rows.dtype)
         with torch.no_grad():
-            for r0 in range(0, n, tile):
-                r1 = min(r0 + tile, n)
-                for c0 in range(0, total, tile):
-                    c1 = min(c0 + tile, total)
-                    logits = TiledCrossEntropy._block(rows, cols, scale, col_valid, targets, row_labels,
-                                                      col_labels, r0, r1, c0, c1)
-                    lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(logits, dim=1))
+            for r0, r1, _, _, logits in TiledCrossEntropy._blocks(rows, cols, scale, col_valid, targets, row_labels,
+                                                                  col_labels, tile):
+                lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(logits, dim=1))
             positive = scale * (rows * cols[targets]).sum(dim=1)
         ctx.save_for_backward(rows, cols, scale, col_valid, targets, lse,
                               *(t for t in (row_labels, col_labels) if t is not None))
@@ -85,18 +91,13 @@ class TiledCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         rows, cols, scale, col_valid, targets, lse, *labels = ctx.saved_tensors
         row_labels, col_labels = labels if ctx.labelled else (None, None)
-        tile, n, total = ctx.tile, rows.shape[0], cols.shape[0]
         g_rows, g_cols = torch.zeros_like(rows), torch.zeros_like(cols)
-        for r0 in range(0, n, tile):
-            r1 = min(r0 + tile, n)
-            for c0 in range(0, total, tile):
-                c1 = min(c0 + tile, total)
-                p = TiledCrossEntropy._block(rows, cols, scale, col_valid, targets, row_labels,
-                                             col_labels, r0, r1, c0, c1)
-                # d loss_i / d logit_ij of the log-sum-exp term: softmax_ij, times the row's weight
-                p.sub_(lse[r0:r1, None]).exp_().mul_(grad_loss[r0:r1, None])
-                g_rows[r0:r1].addmm_(p, cols[c0:c1])
-                g_cols[c0:c1].addmm_(p.T, rows[r0:r1])
+        for r0, r1, c0, c1, p in TiledCrossEntropy._blocks(rows, cols, scale, col_valid, targets, row_labels,
+                                                           col_labels, ctx.tile):
+            # d loss_i / d logit_ij of the log-sum-exp term: softmax_ij, times the row's weight
+            p.sub_(lse[r0:r1, None]).exp_().mul_(grad_loss[r0:r1, None])
+            g_rows[r0:r1].addmm_(p, cols[c0:c1])
+            g_cols[c0:c1].addmm_(p.T, rows[r0:r1])
         # so far g_rows holds sum_j p_ij c_j: the temperature's gradient first, then the scale
         g_scale = (rows * g_rows).sum()
         g_rows.mul_(scale)
