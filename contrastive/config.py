@@ -80,6 +80,7 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
+    attention: str = "auto"  # SDPA kernels: auto | default | math | flash | efficient | cudnn (contrastive.engine)
     threads: int = 0  # torch intra-op threads per rank; 0: on CPU, cores per rank minus loader workers
     log_every: int = 10
     eval_every: int = 0  # steps; 0 evaluates at the end only

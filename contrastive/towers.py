@@ -104,11 +104,11 @@ def freeze_tower(name: str, encoder: nn.Module, unlocked_blocks: int = 0) -> int
     return trainable
 
 
-TOWER_FIELDS = {"freeze": False, "unlocked_blocks": 0, "init": None, "grad_checkpointing": False}
+TOWER_FIELDS = {"freeze": False, "unlocked_blocks": 0, "init": None, "grad_checkpointing": False, "compile": False}
 
 
 def apply_tower_settings(model: Any, settings: dict[str, dict[str, Any]]) -> None:
-    """model.towers.<name>: {init, freeze, unlocked_blocks, grad_checkpointing}, in that order."""
+    """model.towers.<name>: {init, freeze, unlocked_blocks, grad_checkpointing, compile}, in that order."""
     for name, fields in settings.items():
         if name not in model.encoders:
             raise ConfigError(f"model.towers.{name}: no such tower among {list(model.encoders)}")
@@ -122,3 +122,7 @@ def apply_tower_settings(model: Any, settings: dict[str, dict[str, Any]]) -> Non
             freeze_tower(name, model.encoders[name], f["unlocked_blocks"])
         if f["grad_checkpointing"]:
             model.set_grad_checkpointing([name])
+        if f["compile"]:
+            # In place (nn.Module.compile): parameter names, checkpoints and exports stay as they are.
+            # The first steps pay the compilation (inductor; needs a C++ compiler on CPU).
+            model.encoders[name].compile(**({} if f["compile"] is True else dict(f["compile"])))

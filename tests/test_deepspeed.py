@@ -80,3 +80,47 @@ def test_bf16_trains(demo_data, tmp_path, zero):
     assert len(got) == 6 and all(torch.isfinite(torch.tensor(got))) and got[-1] < got[0]
     weights = load_file(str(run_dir / "export/model.safetensors"))
     assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def _engine_losses(attention: str, precision: str) -> list[float]:
+    """Three steps of a DeepSpeed engine with these attention kernels (in a process group of one)."""
+    from contrastive.builders import build_objective, build_optimizer
+    from contrastive.engine import Engine, deepspeed_config
+    from datasets import tiny_modalities
+
+    torch.manual_seed(0)
+    objective = build_objective(tiny_modalities(("image", "text")), embed_dim=16)
+    opt, _ = build_optimizer(objective, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3),
+                             scheduler=None, total_steps=10)
+    engine = Engine(objective, opt, None, deepspeed_config(micro_batch_size=4, world_size=1, precision=precision),
+                    attention=attention)
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 16)),
+             "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)}}
+    out = []
+    for _ in range(3):
+        loss, _ = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        out.append(float(loss.detach()))
+    return out
+
+
+def test_attention_kernels_are_chosen_by_config():
+    from torch.nn.attention import SDPBackend
+
+    from contrastive.engine import attention_backends
+    from dist_utils import run_ranks
+
+    assert attention_backends("auto", "cpu", "bf16") == [SDPBackend.MATH]
+    assert attention_backends("auto", "cpu", "fp32") is None and attention_backends("auto", "cuda", "bf16") is None
+    with pytest.raises(ValueError, match="trainer.attention"):
+        attention_backends("fast", "cpu", "fp32")
+    # The kernels really are the ones asked for: the same numbers from math and flash, and the
+    # memory-efficient kernel, which has no CPU implementation, fails.
+    (math_losses,), (flash_losses,) = run_ranks(1, _engine_losses, "math", "fp32"), run_ranks(1, _engine_losses, "flash", "fp32")
+    assert math_losses == pytest.approx(flash_losses, abs=1e-5)
+    with pytest.raises(AssertionError, match="No viable backend for scaled_dot_product_attention"):
+        run_ranks(1, _engine_losses, "efficient", "fp32")
+    # bf16 on CPU: auto is the math kernel, bit for bit.
+    (auto_bf16,), (math_bf16,) = run_ranks(1, _engine_losses, "auto", "bf16"), run_ranks(1, _engine_losses, "math", "bf16")
+    assert auto_bf16 == math_bf16 and all(torch.isfinite(torch.tensor(auto_bf16)))

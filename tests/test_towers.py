@@ -66,18 +66,23 @@ def test_tower_errors_are_named(tmp_path):
         apply_tower_settings(obj.model, {"image": {"init": str(tmp_path / "wrong.pt")}})
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+# compile through dynamo with the eager backend: the wiring is real, without inductor's build time
+@pytest.mark.parametrize("setting", [{"grad_checkpointing": True}, {"compile": {"backend": "eager"}}],
+                         ids=["grad_checkpointing", "compile"])
+def test_tower_settings_give_the_same_gradients(setting):
     batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 16)),
              "audio": torch.randn(4, *tiny_modalities(("audio",))["audio"].empty().shape),
              "mask": {m: torch.ones(4, dtype=torch.bool) for m in TINY}}
     grads = []
-    for checkpointing in (False, True):
+    for applied in (False, True):
         obj = objective()
-        if checkpointing:
-            apply_tower_settings(obj.model, {m: {"grad_checkpointing": True} for m in TINY})
+        if applied:
+            apply_tower_settings(obj.model, {m: dict(setting) for m in TINY})
         loss, _ = obj(batch)
         loss.backward()
         grads.append({n: p.grad for n, p in obj.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
+    assert grads[0].keys() == grads[1].keys()  # parameter names (checkpoints, exports) unchanged
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+    if "compile" in setting:
+        assert all(obj.model.encoders[m]._compiled_call_impl is not None for m in TINY)

@@ -85,7 +85,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         micro_batch_size=cfg.data.batch_size, world_size=dist.world_size, zero_stage=cfg.engine.zero_stage,
         precision=cfg.trainer.precision, grad_clip=cfg.optim.grad_clip, accumulate=cfg.trainer.accumulate,
         offload_optimizer=cfg.engine.offload_optimizer, user_config=cfg.engine.config,
-    ))
+    ), attention=cfg.trainer.attention)
     data = partial(build_dataset, modalities=modalities, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
                    rank=dist.rank, world_size=dist.world_size)
     train_set = data(plain(cfg.data.train), batch_size=cfg.data.batch_size, train=True,
