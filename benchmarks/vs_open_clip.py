@@ -1,11 +1,12 @@
 """contrastive-train against open_clip's own trainer (open_clip_train.main), side by side.
 
-    .venv/bin/python benchmarks/vs_open_clip.py                  # tiny and small, 2 runs each side
-    .venv/bin/python benchmarks/vs_open_clip.py --configs tiny --repeats 1
+    .venv/bin/python benchmarks/vs_open_clip.py                  # tiny and small, fp32 and bf16, 2 runs each
+    .venv/bin/python benchmarks/vs_open_clip.py --configs tiny --precision fp32 --repeats 1
 
 Same image-text shards (the demo set without its audio), same tower configs, batch size, optimizer
 (AdamW, lr, betas, eps, weight decay), warm-up + cosine schedule, gradient clipping, precision
-(fp32), torch threads and DataLoader workers, one process each, run in this script one after the
+(fp32; or bf16: ours DeepSpeed's bf16 with fp32 master weights, theirs amp_bf16, autocast over fp32
+weights), torch threads and DataLoader workers, one process each, run in this script one after the
 other, alternating (ours, theirs, theirs, ours, ...). open_clip's trainer needs webdataset 0.2.86,
 so it runs from a venv of its own (.venv-openclip, built on first use).
 
@@ -77,7 +78,7 @@ def image_text_shards(out: Path) -> dict[str, Path]:
     return paths
 
 
-def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int) -> dict:
+def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precision: str) -> dict:
     v, t = cfg["vision"], cfg["text"]
     args = [
         "modalities=[image,text]", "model=tiny", f"model.embed_dim={cfg['embed_dim']}", f"data.train={data}",
@@ -88,7 +89,7 @@ def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int) -> dict
         f"optim.scheduler.warmup_steps={COMMON['warmup']}", f"optim.grad_clip={COMMON['grad_clip']}",
         "trainer.progress=false", f"hydra.run.dir={run_dir}", f"modality.image.image_size={cfg['image_size']}",
         *[f"modality.image.{k}={x}" for k, x in v.items()], *[f"modality.text.{k}={x}" for k, x in t.items()],
-        f"eval.prompts={json.dumps(PROMPTS)}", f"trainer.seed={seed}",
+        f"eval.prompts={json.dumps(PROMPTS)}", f"trainer.seed={seed}", f"trainer.precision={precision}",
     ]
     subprocess.run([str(REPO / ".venv/bin/contrastive-train"), *args], check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": str(COMMON["threads"])})
@@ -97,7 +98,7 @@ def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int) -> dict
     return {"step_times": step_times, "weights": run_dir / "export"}
 
 
-def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int) -> dict:
+def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int, precision: str) -> dict:
     model_dir = run_dir / "model"
     model_dir.mkdir(parents=True)
     model_cfg = {"embed_dim": cfg["embed_dim"], "vision_cfg": {"image_size": cfg["image_size"], **cfg["vision"]},
@@ -111,7 +112,8 @@ def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int)
             "--lr", str(COMMON["lr"]), "--wd", str(COMMON["weight_decay"]), "--warmup", str(COMMON["warmup"]),
             # explicit: open_clip_train's defaults depend on the model's name (beta2 0.999, eps 1e-8 here)
             "--beta1", str(COMMON["betas"][0]), "--beta2", str(COMMON["betas"][1]), "--eps", str(COMMON["eps"]),
-            "--grad-clip-norm", str(COMMON["grad_clip"]), "--precision", "fp32", "--logs", str(run_dir),
+            "--grad-clip-norm", str(COMMON["grad_clip"]), "--logs", str(run_dir),
+            "--precision", {"fp32": "fp32", "bf16": "amp_bf16"}[precision],
             "--name", "run", "--log-every-n-steps", "1", "--save-frequency", "1", "--seed", str(seed), "--device", "cpu"]
     out = subprocess.run([str(python), *args], capture_output=True, text=True, cwd=run_dir,
                          env={**os.environ, "OMP_NUM_THREADS": str(COMMON["threads"])})
@@ -151,26 +153,28 @@ def evaluate(cfg: dict, weights: Path, heldout: Path, ours: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=2, help="runs per side and config, alternating")
     args = parser.parse_args()
     python = open_clip_python()
     work = Path(tempfile.mkdtemp(prefix="vs-open-clip-"))
     data = image_text_shards(work / "data")
     result = {"settings": {**COMMON, "cpus": os.cpu_count()}, "configs": {}}
-    for name in args.configs:
+    for name, precision in [(n, p) for n in args.configs for p in args.precision]:
         cfg = CONFIGS[name]
+        label = f"{name}-{precision}"
         times = {"contrastive": [], "open_clip": []}
         quality: dict[str, list] = {"contrastive": [], "open_clip": []}
         for rep in range(args.repeats):
             order = ["contrastive", "open_clip"] if rep % 2 == 0 else ["open_clip", "contrastive"]
             for side in order:
-                run_dir = work / f"{name}-{side}-{rep}"
-                print(f"{name}: {side} run {rep + 1} ...", file=sys.stderr, flush=True)
-                run = (run_ours(name, cfg, data["train"], run_dir, seed=rep) if side == "contrastive"
-                       else run_open_clip(python, cfg, data["train"], run_dir, seed=rep))
+                run_dir = work / f"{label}-{side}-{rep}"
+                print(f"{label}: {side} run {rep + 1} ...", file=sys.stderr, flush=True)
+                run = (run_ours(name, cfg, data["train"], run_dir, seed=rep, precision=precision) if side == "contrastive"
+                       else run_open_clip(python, cfg, data["train"], run_dir, seed=rep, precision=precision))
                 times[side] += run["step_times"][COMMON["warmup_steps_skipped"]:]
                 quality[side].append(evaluate(cfg, run["weights"], data["heldout"], ours=side == "contrastive"))
-        row = {"steps": cfg["steps"]}
+        row = {"config": name, "precision": precision, "steps": cfg["steps"]}
         for side in times:
             row[side] = {"samples_per_s": COMMON["batch_size"] / statistics.mean(times[side]),
                          "median_step_s": statistics.median(times[side]),
@@ -178,8 +182,8 @@ def main() -> None:
                          **{k: statistics.mean(q[k] for q in quality[side]) for k in quality[side][0]}}
         row["throughput_ratio"] = row["contrastive"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
         row["zero_shot_delta"] = row["contrastive"]["zero_shot_image_to_text"] - row["open_clip"]["zero_shot_image_to_text"]
-        result["configs"][name] = row
-        print(f"{name}: contrastive {row['contrastive']['samples_per_s']:.0f} samples/s, open_clip "
+        result["configs"][label] = row
+        print(f"{label}: contrastive {row['contrastive']['samples_per_s']:.0f} samples/s, open_clip "
               f"{row['open_clip']['samples_per_s']:.0f} samples/s ({row['throughput_ratio']:.2f}x); zero-shot "
               f"{row['contrastive']['zero_shot_image_to_text']:.1%} vs {row['open_clip']['zero_shot_image_to_text']:.1%}; "
               f"R@1 i->t {row['contrastive']['R@1_image_to_text']:.1%} vs {row['open_clip']['R@1_image_to_text']:.1%}",
