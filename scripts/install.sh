@@ -16,7 +16,9 @@ TORCH_PINS=(torch==2.13.0 torchvision==0.28.0 torchaudio==2.11.0)
 quiet_pip_warnings() { grep -v "^WARNING: Location 'file://" >&2 || true; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages: espeak-ng speaks the words of the demo data set.
+# Debian packages: espeak-ng speaks the words of the demo data set. No FFmpeg: audio is decoded
+# by soundfile (its wheel bundles libsndfile: WAV, FLAC, OGG, MP3), never by torchaudio.load, so
+# torchcodec and FFmpeg's libraries are not needed.
 if ! command -v espeak-ng >/dev/null 2>&1; then
     echo "[install] apt: espeak-ng"
     as_root apt-get update -qq
