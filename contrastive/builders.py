@@ -15,7 +15,7 @@ from contrastive.data.sources import load_sources
 from contrastive.loss import ContrastiveLoss, Temperature, resolve_pairs
 from contrastive.modalities.base import MODALITIES, ConfigError, Modality, build_modality
 from contrastive.model import ContrastiveModel, ContrastiveObjective
-from contrastive.optim import param_groups
+from contrastive.optim import NO_DECAY_NAMES, param_groups
 
 log = logging.getLogger("contrastive")
 
@@ -86,11 +86,13 @@ def build_optimizer(
     optimizer: Callable[..., torch.optim.Optimizer],
     scheduler: Callable[..., Any] | None,
     total_steps: int,
+    no_decay: Sequence[str] = NO_DECAY_NAMES,
 ) -> tuple[torch.optim.Optimizer, Any]:
     """`optimizer` and `scheduler` are partials (Hydra `_partial_: true`); they receive the parameter
-    groups (no weight decay on biases, norms, embeddings, temperatures) and the run's length."""
+    groups (no weight decay on biases, norms, and parameters named in `no_decay`: embeddings and
+    temperatures by default) and the run's length."""
     weight_decay = getattr(optimizer, "keywords", {}).get("weight_decay", 0.0)
-    opt = optimizer(param_groups(module, weight_decay))
+    opt = optimizer(param_groups(module, weight_decay, no_decay))
     sched = scheduler(opt, total_steps=total_steps) if scheduler is not None else None
     return opt, sched
 

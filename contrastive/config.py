@@ -14,11 +14,13 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from contrastive.optim import NO_DECAY_NAMES
+
 
 @dataclass
 class ModelConfig:
     embed_dim: int = 512
-    # <modality>: {init: path, freeze: bool, unlocked_blocks: int, grad_checkpointing: bool}
+    # <modality>: {init: path, freeze: bool, unlocked_blocks: int, grad_checkpointing: bool, compile: bool}
     towers: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,6 +72,8 @@ class OptimConfig:
     optimizer: Any = MISSING  # _target_ + _partial_: called with the parameter groups
     scheduler: Any = None  # _target_ + _partial_: called with (optimizer, total_steps=...)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # names (substrings) of parameters without weight decay, beside every bias and norm
+    no_decay: List[str] = field(default_factory=lambda: list(NO_DECAY_NAMES))
 
 
 @dataclass

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-# Parameters named like these are embeddings or temperatures: no weight decay (as open_clip).
+# Parameters whose names hold one of these are embeddings or temperatures: no weight decay. (open_clip's
+# trainer decays its positional and token embeddings; `optim.no_decay=[logit_scale]` does the same.)
 NO_DECAY_NAMES = ("embedding", "pos_embed", "cls_token", "class_embedding", "logit_scale", "logit_bias")
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed weight matrices; and biases, norms, embeddings, temperatures without decay."""
+def param_groups(module: nn.Module, weight_decay: float,
+                 no_decay_names: Sequence[str] = NO_DECAY_NAMES) -> list[dict[str, Any]]:
+    """Two groups: decayed weight matrices; and biases, norms (every tensor of fewer than 2 dims)
+    and the parameters named in `no_decay_names` (embeddings, temperatures) without decay."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+        if param.ndim < 2 or any(key in name for key in no_decay_names):
             no_decay.append(param)
         else:
             decay.append(param)

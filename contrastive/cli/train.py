@@ -80,6 +80,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler else None,
         total_steps=cfg.trainer.max_steps,
+        no_decay=list(cfg.optim.no_decay),
     )
     engine = Engine(objective, optimizer, scheduler, deepspeed_config(
         micro_batch_size=cfg.data.batch_size, world_size=dist.world_size, zero_stage=cfg.engine.zero_stage,
