@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/vs_open_clip.py --configs tiny --precision fp32 --repeats 1
 
 Same image-text shards (the demo set without its audio), same tower configs, batch size, optimizer
-(AdamW, lr, betas, eps, weight decay), warm-up + cosine schedule, gradient clipping, precision
-(fp32; or bf16: ours DeepSpeed's bf16 with fp32 master weights, theirs amp_bf16, autocast over fp32
-weights), torch threads and DataLoader workers, one process each, run in this script one after the
-other, alternating (ours, theirs, theirs, ours, ...). open_clip's trainer needs webdataset 0.2.86,
-so it runs from a venv of its own (.venv-openclip, built on first use).
+(AdamW, lr, betas, eps, weight decay and the parameters it decays), warm-up + cosine schedule,
+gradient clipping, precision (fp32; or bf16: ours DeepSpeed's bf16 with fp32 master weights, theirs
+amp_bf16, autocast over fp32 weights), torch threads and DataLoader workers, one process each, run
+in this script one after the other, alternating (ours, theirs, theirs, ours, ...). open_clip's
+trainer needs webdataset 0.2.86, so it runs from a venv of its own (.venv-openclip, built on first
+use).
 
 Each repeat uses another seed (0, 1, ...) on both sides; quality is averaged over them.
 Throughput: both trainers log every step's wall time, data loading included; samples/s is the batch
@@ -86,6 +87,8 @@ def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precisi
         f"data.num_workers={COMMON['workers']}", f"trainer.threads={COMMON['threads']}", "trainer.log_every=1",
         f"optim.optimizer.lr={COMMON['lr']}", f"optim.optimizer.weight_decay={COMMON['weight_decay']}",
         f"optim.optimizer.betas=[{COMMON['betas'][0]},{COMMON['betas'][1]}]", f"optim.optimizer.eps={COMMON['eps']}",
+        # open_clip_train's parameter groups (it decays embeddings; by default we do not)
+        "optim.no_decay=[logit_scale]",
         f"optim.scheduler.warmup_steps={COMMON['warmup']}", f"optim.grad_clip={COMMON['grad_clip']}",
         "trainer.progress=false", f"hydra.run.dir={run_dir}", f"modality.image.image_size={cfg['image_size']}",
         *[f"modality.image.{k}={x}" for k, x in v.items()], *[f"modality.text.{k}={x}" for k, x in t.items()],
@@ -178,14 +181,20 @@ def main() -> None:
         for side in times:
             row[side] = {"samples_per_s": COMMON["batch_size"] / statistics.mean(times[side]),
                          "median_step_s": statistics.median(times[side]),
-                         # quality averaged over the runs (seed 0, 1, ...: one per repeat)
-                         **{k: statistics.mean(q[k] for q in quality[side]) for k in quality[side][0]}}
+                         # quality averaged over the runs (seed 0, 1, ...: one per repeat), and each run's
+                         **{k: statistics.mean(q[k] for q in quality[side]) for k in quality[side][0]},
+                         "runs": quality[side]}
         row["throughput_ratio"] = row["contrastive"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
         row["zero_shot_delta"] = row["contrastive"]["zero_shot_image_to_text"] - row["open_clip"]["zero_shot_image_to_text"]
         result["configs"][label] = row
+
+        def per_run(side: str) -> str:
+            return "/".join(f"{q['zero_shot_image_to_text']:.1%}" for q in quality[side])
+
         print(f"{label}: contrastive {row['contrastive']['samples_per_s']:.0f} samples/s, open_clip "
               f"{row['open_clip']['samples_per_s']:.0f} samples/s ({row['throughput_ratio']:.2f}x); zero-shot "
-              f"{row['contrastive']['zero_shot_image_to_text']:.1%} vs {row['open_clip']['zero_shot_image_to_text']:.1%}; "
+              f"{row['contrastive']['zero_shot_image_to_text']:.1%} vs {row['open_clip']['zero_shot_image_to_text']:.1%} "
+              f"(runs: {per_run('contrastive')} vs {per_run('open_clip')}); "
               f"R@1 i->t {row['contrastive']['R@1_image_to_text']:.1%} vs {row['open_clip']['R@1_image_to_text']:.1%}",
               flush=True)
     print(json.dumps(result))
