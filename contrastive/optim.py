@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,3 @@ def warmup_cosine(
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-
-def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
