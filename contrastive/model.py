@@ -36,12 +36,13 @@ class ContrastiveModel(nn.Module):
         }
 
     def encode(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
-        """[batch, ...] inputs of one modality -> [batch, embed_dim] unit-norm embeddings. Floating
-        inputs take the tower's dtype (bf16/fp16 towers under DeepSpeed's mixed precision)."""
+        """[batch, ...] inputs of one modality -> [batch, embed_dim] unit-norm fp32 embeddings.
+        Floating inputs take the tower's dtype (bf16/fp16 towers under DeepSpeed's mixed precision);
+        the normalisation runs in fp32, as autocast runs it, so the loss sees unrounded directions."""
         encoder = self.encoders[name]
         if inputs.is_floating_point():
             inputs = inputs.to(next(encoder.parameters()).dtype)
-        return F.normalize(encoder(inputs), dim=-1)
+        return F.normalize(encoder(inputs).float(), dim=-1)
 
     def set_grad_checkpointing(self, names: list[str]) -> None:
         """Activation checkpointing inside the named towers (open_clip and timm towers support it)."""
