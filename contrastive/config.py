@@ -83,7 +83,7 @@ class TrainerConfig:
     stop_at_step: int = 0  # checkpoint and exit at this step of a longer schedule (0 = run to max_steps)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling) | amp_bf16 (autocast)
     attention: str = "auto"  # SDPA kernels: auto | default | math | flash | efficient | cudnn (contrastive.engine)
     threads: int = 0  # torch intra-op threads per rank; 0: on CPU, cores per rank minus loader workers
     log_every: int = 10

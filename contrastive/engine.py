@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,14 +22,19 @@ import torch
 
 log = logging.getLogger("contrastive.engine")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# bf16/fp16: DeepSpeed's mixed precision (weights in 16 bits, fp32 master weights in the optimizer).
+# amp_bf16: fp32 weights, the forward under torch.autocast (what open_clip's trainer calls amp_bf16):
+# slower, since every op recasts its weights, but norms and the residual stream keep fp32 where
+# autocast keeps them.
+PRECISIONS = ("fp32", "bf16", "fp16", "amp_bf16")
+HALF_PRECISIONS = ("bf16", "fp16", "amp_bf16")  # matmuls in 16 bits
 ATTENTION = ("auto", "default", "math", "flash", "efficient", "cudnn")
 
 
 def attention_backends(choice: str, device_type: str, precision: str) -> list | None:
     """The scaled-dot-product-attention kernels training may use (None: PyTorch's own choice).
 
-    auto is PyTorch's choice except for bf16/fp16 on CPU, where the math kernel (matmuls + softmax)
+    auto is PyTorch's choice except for bf16/fp16/amp_bf16 on CPU, where the math kernel (matmuls + softmax)
     is faster: measured on the small benchmark towers (65- and 16-token sequences, 1 thread), the
     CPU flash kernel's bf16 backward took 285 ms of a 1.08 s step, and math cut the step to 0.83 s.
     In fp32 on CPU the flash kernel is the faster one (1.54 vs 1.60 s), and on GPUs it is the point."""
@@ -83,6 +88,7 @@ def deepspeed_config(
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "torch_autocast": {"enabled": precision == "amp_bf16", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -95,6 +101,24 @@ def deepspeed_config(
         extra = json.loads(Path(user_config).read_text()) if isinstance(user_config, (str, os.PathLike)) else dict(user_config)
         cfg = _merge(cfg, extra)
     return cfg
+
+
+@contextmanager
+def _no_optimizer_step(optimizer: torch.optim.Optimizer):
+    """No optimizer step while DeepSpeed sets up. Its bf16 (stage 0) and fp16 wrappers step the
+    optimizer once on zero gradients to create its states: AdamW's step count then starts at 1, so
+    every bias correction runs one step late (the first real update was 0.74x the learning rate)
+    and the weights decayed once before training. torch optimizers create their states lazily on
+    the first real step, and load_state_dict needs none beforehand."""
+    own = optimizer.__dict__.get("step")  # an LR scheduler wraps the instance's step to track calls
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own
 
 
 def _merge(base: dict, extra: Mapping) -> dict:
@@ -114,7 +138,8 @@ class Engine:
 
         self.config = config
         device = next(objective.parameters()).device.type
-        precision = "bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"] else "fp32"
+        precision = ("bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"]
+                     else "amp_bf16" if config.get("torch_autocast", {}).get("enabled") else "fp32")
         self._backends = attention_backends(attention, device, precision)
         self.objective = objective
         self._norm: float | None = None
@@ -134,10 +159,11 @@ class Engine:
         self.own_clipping = self.zero_stage == 0 and not config["fp16"]["enabled"] and not config["bf16"]["enabled"]
         if self.own_clipping:
             config = {**config, "gradient_clipping": 0.0}
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-            dist_init_required=False,
-        )
+        with _no_optimizer_step(optimizer):
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                dist_init_required=False,
+            )
         if self.engine.dp_world_size == 1 and self.zero_stage == 0:
             # One rank: nothing to average, yet DeepSpeed would still flatten every gradient into a
             # bucket and all-reduce it (~10 ms a step for the tiny demo model on CPU). ZeRO's own

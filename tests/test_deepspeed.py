@@ -71,10 +71,10 @@ def test_two_ranks_match_one_process(single_process, demo_data, tmp_path, launch
             assert torch.allclose(ours[k], ref[k], atol=1e-4), k
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_bf16_trains(demo_data, tmp_path, zero):
+@pytest.mark.parametrize("precision,zero", [("bf16", 0), ("bf16", 2), ("amp_bf16", 0)])
+def test_bf16_trains(demo_data, tmp_path, precision, zero):
     run_dir = tmp_path / "run"
-    run_cli("contrastive-train", *tiny_overrides(demo_data, run_dir, "trainer.precision=bf16", f"engine.zero_stage={zero}",
+    run_cli("contrastive-train", *tiny_overrides(demo_data, run_dir, f"trainer.precision={precision}", f"engine.zero_stage={zero}",
                                                  "trainer.max_steps=6", "trainer.log_every=1", "data.eval=null"))
     got = losses(run_dir)
     assert len(got) == 6 and all(torch.isfinite(torch.tensor(got))) and got[-1] < got[0]
@@ -82,7 +82,7 @@ def test_bf16_trains(demo_data, tmp_path, zero):
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
-def _engine_losses(attention: str, precision: str) -> list[float]:
+def _engine_losses(attention: str, precision: str, dtypes: bool = False):
     """Three steps of a DeepSpeed engine with these attention kernels (in a process group of one)."""
     from contrastive.builders import build_objective, build_optimizer
     from contrastive.engine import Engine, deepspeed_config
@@ -102,7 +102,42 @@ def _engine_losses(attention: str, precision: str) -> list[float]:
         engine.backward(loss)
         engine.step()
         out.append(float(loss.detach()))
-    return out
+    return (out, {p.dtype for p in objective.parameters()}) if dtypes else out
+
+
+def _first_update(precision: str) -> tuple[set, float]:
+    """One optimizer step of a fresh engine: AdamW's step counts, and its update over the lr."""
+    from contrastive.builders import build_objective, build_optimizer
+    from contrastive.engine import Engine, deepspeed_config
+    from datasets import tiny_modalities
+
+    torch.manual_seed(0)
+    objective = build_objective(tiny_modalities(("image", "text")), embed_dim=16)
+    lr = 1e-3
+    opt, _ = build_optimizer(objective, optimizer=lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.0),
+                             scheduler=None, total_steps=10)
+    engine = Engine(objective, opt, None, deepspeed_config(micro_batch_size=4, world_size=1, precision=precision))
+    # The tensors the optimizer updates: the weights in fp32, DeepSpeed's fp32 masters in bf16.
+    masters = [p for group in opt.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in masters]
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 16)),
+             "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)}}
+    loss, _ = engine(batch)
+    engine.backward(loss)
+    engine.step()
+    moved = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(masters, before)])
+    return {int(opt.state[p]["step"]) for p in masters}, float(moved[moved > 0].median() / lr)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_first_update_is_adams_first_step(precision):
+    """DeepSpeed's bf16 wrapper at stage 0 stepped the optimizer once on zero gradients while it set
+    up: AdamW's bias corrections then ran a step late (the first update was 0.74x the lr)."""
+    from dist_utils import run_ranks
+
+    ((steps, update_over_lr),) = run_ranks(1, _first_update, precision)
+    assert steps == {1}
+    assert update_over_lr == pytest.approx(1.0, abs=0.01)  # Adam's first step moves each weight by lr
 
 
 def test_attention_kernels_are_chosen_by_config():
@@ -121,6 +156,11 @@ def test_attention_kernels_are_chosen_by_config():
     assert math_losses == pytest.approx(flash_losses, abs=1e-5)
     with pytest.raises(AssertionError, match="No viable backend for scaled_dot_product_attention"):
         run_ranks(1, _engine_losses, "efficient", "fp32")
+    # amp_bf16: the matmuls run in bf16 under autocast (other numbers than fp32, close to them)
+    # over weights that stay fp32.
+    ((amp_losses, amp_dtypes),) = run_ranks(1, _engine_losses, "auto", "amp_bf16", True)
+    assert amp_dtypes == {torch.float32}
+    assert amp_losses != math_losses and amp_losses == pytest.approx(math_losses, abs=0.05)
     # bf16 on CPU: auto is the math kernel, bit for bit.
     (auto_bf16,), (math_bf16,) = run_ranks(1, _engine_losses, "auto", "bf16"), run_ranks(1, _engine_losses, "math", "bf16")
     assert auto_bf16 == math_bf16 and all(torch.isfinite(torch.tensor(auto_bf16)))
