@@ -13,7 +13,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from contrastive.data.shards import DataError, Shard, list_shards, sample_key
+from contrastive.data.shards import DataError, Shard, iter_tar_members, list_shards, sample_key
 
 log = logging.getLogger("contrastive.data")
 
@@ -50,17 +50,16 @@ def load_sources(spec: Any) -> list[Source]:
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
     """Samples of one tar file in order: members sharing a key, grouped (`__key__`, ext -> bytes)."""
     current: dict[str, Any] | None = None
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            key, ext = sample_key(member.name)
-            if not member.isreg() or key is None:
-                continue
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
+    for name, content in iter_tar_members(path):
+        key, ext = sample_key(name)
+        if key is None:
+            continue
+        if current is not None and current["__key__"] != key:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key}
+        current[ext] = content
     if current is not None:
         yield current
 
