@@ -94,6 +94,7 @@ def main() -> None:
     import torch
 
     from contrastive.data import load_sources
+    from contrastive.flops import cpu_name
 
     data = args.data or str(REPO / "data" / "demo" / "train")
     if not Path(data, "sizes.json").exists():
@@ -108,7 +109,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     n, secs = bare_read(sources)
-    result = {"data": data, "cpus": os.cpu_count(), "batch_size": args.batch_size,
+    result = {"data": data, "cpus": os.cpu_count(), "cpu": cpu_name(), "batch_size": args.batch_size,
               "bare_read": {"samples": n, "seconds": secs, "samples_per_s": n / secs}}
     print(f"bare read (bytes only):        {n / secs:9.0f} samples/s", flush=True)
     for workers in (1, 2):

@@ -112,7 +112,10 @@ def main() -> None:
 
     gib = 1024 ** 3
     budget = 0.8 * available_bytes(args.device)
-    results: dict = {"device": args.device, "dim": args.dim, "tile": args.tile, "threads": os.cpu_count(), "sizes": {}}
+    from contrastive.flops import cpu_name
+
+    results: dict = {"device": args.device, "cpu": cpu_name(), "dim": args.dim, "tile": args.tile,
+                     "threads": os.cpu_count(), "sizes": {}}
     last_clip = None  # (n, peak) of open_clip's largest run, for extrapolation
     print(f"{'batch':>7} {'impl':<11} {'peak MiB':>10} {'seconds':>9}  note")
     for n in args.sizes:

@@ -5,17 +5,21 @@ FLOPs are counted, not estimated by formula: torch's FlopCounterMode runs one sa
 backward through a copy of every tower built on the meta device (no memory, no compute), so any
 modality's tower is counted the same way. The peak is the datasheet's dense figure for known GPUs
 (bf16/fp16 tensor cores; TF32 for fp32), `trainer.peak_tflops` when given, or on CPU a measured
-matrix-multiply throughput in the precision the matmuls run in.
+matrix-multiply throughput in the precision the matmuls run in (fp32's where bf16 is slower).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 
 import torch
 
 from contrastive.engine import HALF_PRECISIONS
 from contrastive.model import ContrastiveModel
+
+log = logging.getLogger(__name__)
 
 # Dense tensor-core TFLOP/s: (bf16/fp16, tf32)
 GPU_PEAKS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
@@ -58,7 +62,28 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.
             if key in name:
                 return (half if precision in HALF_PRECISIONS else tf32) * 1e12, f"{name} datasheet"
         return 0.0, f"unknown GPU {name}: set trainer.peak_tflops"
-    # bf16 matmuls run 2-3x faster than fp32 on CPUs with bf16 instructions; fp16 is counted as bf16
-    half = precision in HALF_PRECISIONS
-    return (measured_cpu_peak(dtype=torch.bfloat16 if half else torch.float32),
-            f"measured CPU {'bf16' if half else 'fp32'} matmul")
+    if precision not in HALF_PRECISIONS:
+        return measured_cpu_peak(), "measured CPU fp32 matmul"
+    # bf16 matmuls run 2-3x faster than fp32 on CPUs with bf16 instructions (avx512_bf16, AMX) and
+    # several times slower on those without (emulated); fp16 is counted as bf16
+    half, full = measured_cpu_peak(dtype=torch.bfloat16), measured_cpu_peak()
+    if half < full:
+        log.warning("trainer.precision=%s: on this CPU (%s) bf16 matmuls run at %.2gx the speed of fp32 ones "
+                    "(%.3g against %.3g GFLOP/s), so trainer.precision=fp32 trains faster here",
+                    precision, cpu_name(), half / full, half / 1e9, full / 1e9)
+    # the MFU is against what this CPU can do, which is fp32's figure where bf16 is the slower
+    return max(half, full), f"measured CPU bf16 matmul, {half / full:.2g}x fp32's"
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector instructions that decide matmul speed (Linux; else the platform)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model or platform.machine()} ({', '.join(isa) or 'no avx2'})"
