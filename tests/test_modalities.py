@@ -2,6 +2,7 @@
 and its tower's output (shape, unit norm after the model)."""
 
 import io
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -42,6 +43,31 @@ def test_image_decodes_every_format(fmt, ext):
     assert decoded.size == (40, 30) and decoded.mode == "RGB"
     x = image.preprocess(decoded, train=False)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+@pytest.mark.parametrize("size", [(40, 30), (32, 32), (20, 90)])
+def test_image_training_preprocess_is_open_clips_transform(size, monkeypatch):
+    """Ours computes open_clip's training transform itself: the same pixels for the same crop, and
+    crops drawn from the same distribution as torchvision's RandomResizedCrop."""
+    from torchvision.transforms import functional as TF
+
+    image = build_modality("image", **TINY["image"])
+    img = image.decode(image_bytes("PNG", size), "png")
+    reference = image.transform(True)
+    crop, _, to_tensor, normalize = reference.transforms
+    assert type(crop).__name__ == "RandomResizedCrop" and tuple(crop.scale) == tuple(image.train_crop_scale)
+    n = 4000
+    torch.manual_seed(0)
+    ours = [image.crop_box(*img.size) for _ in range(n)]
+    theirs = [crop.get_params(img, crop.scale, crop.ratio) for _ in range(n)]
+    for field in range(4):  # top, left, height, width: each marginal within sampling noise of theirs
+        a, b = Counter(box[field] for box in ours), Counter(box[field] for box in theirs)
+        distance = sum(abs(a[v] - b[v]) for v in set(a) | set(b)) / (2 * n)
+        assert distance < 0.05, (field, a, b)
+    for box in ours[:20]:
+        monkeypatch.setattr(image, "crop_box", lambda w, h, box=box: box)
+        expected = normalize(to_tensor(TF.resized_crop(img, *box, crop.size, crop.interpolation, antialias=True)))
+        assert torch.equal(image.preprocess(img, train=True), expected)
 
 
 def test_image_rejects_corrupt_bytes():
