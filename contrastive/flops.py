@@ -72,7 +72,9 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.
                     "(%.3g against %.3g GFLOP/s), so trainer.precision=fp32 trains faster here",
                     precision, cpu_name(), half / full, half / 1e9, full / 1e9)
     # the MFU is against what this CPU can do, which is fp32's figure where bf16 is the slower
-    return max(half, full), f"measured CPU bf16 matmul, {half / full:.2g}x fp32's"
+    if half < full:
+        return full, f"measured CPU fp32 matmul; bf16 ran at {half / full:.2g}x that"
+    return half, f"measured CPU bf16 matmul, {half / full:.2g}x fp32's"
 
 
 def cpu_name() -> str:
