@@ -15,7 +15,7 @@ from conftest import read_jsonl, run_cli, tiny_overrides
 # Losses of steps 1-4 of `experiment=demo debug=smoke` on the small demo set (seed 0). Data, model
 # initialisation, augmentation and the order of samples are all seeded, so these only move when the
 # model, the loss, the data pipeline or the demo data change: then re-pin them, knowingly.
-PINNED_LOSSES = [9.291689, 9.141672, 8.495481, 8.232018]
+PINNED_LOSSES = [9.313204, 9.163422, 8.539187, 8.227659]
 
 
 @pytest.fixture(scope="module")
