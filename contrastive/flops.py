@@ -67,14 +67,13 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.
     # bf16 matmuls run 2-3x faster than fp32 on CPUs with bf16 instructions (avx512_bf16, AMX) and
     # several times slower on those without (emulated); fp16 is counted as bf16
     half, full = measured_cpu_peak(dtype=torch.bfloat16), measured_cpu_peak()
-    if half < full:
-        log.warning("trainer.precision=%s: on this CPU (%s) bf16 matmuls run at %.2gx the speed of fp32 ones "
-                    "(%.3g against %.3g GFLOP/s), so trainer.precision=fp32 trains faster here",
-                    precision, cpu_name(), half / full, half / 1e9, full / 1e9)
-    # the MFU is against what this CPU can do, which is fp32's figure where bf16 is the slower
-    if half < full:
-        return full, f"measured CPU fp32 matmul; bf16 ran at {half / full:.2g}x that"
-    return half, f"measured CPU bf16 matmul, {half / full:.2g}x fp32's"
+    if half >= full:
+        return half, f"measured CPU bf16 matmul, {half / full:.2g}x fp32's"
+    log.warning("trainer.precision=%s: on this CPU (%s) bf16 matmuls run at %.2gx the speed of fp32 ones "
+                "(%.3g against %.3g GFLOP/s), so trainer.precision=fp32 trains faster here",
+                precision, cpu_name(), half / full, half / 1e9, full / 1e9)
+    # the MFU is against what this CPU can do: fp32's figure
+    return full, f"measured CPU fp32 matmul; bf16 ran at {half / full:.2g}x that"
 
 
 def cpu_name() -> str:
@@ -85,7 +84,8 @@ def cpu_name() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    first_cpu = info.split("\n\n", 1)[0]
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
+    model, flags = fields.get("model name", ""), fields.get("flags", "").split()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{model or platform.machine()} ({', '.join(isa) or 'no avx2'})"

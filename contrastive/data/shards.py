@@ -48,7 +48,7 @@ def sample_key(member_name: str) -> tuple[str | None, str | None]:
 
 BLOCK = 512
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: read through tarfile
-REGULAR, DIRECTORY = (b"0", b"\0", b"7"), b"5"
+REGULAR = (b"0", b"\0", b"7")  # tar types of a regular file
 
 
 def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
