@@ -169,8 +169,9 @@ def main() -> None:
     from contrastive.flops import cpu_name
 
     # the CPU decides the figures: without bf16 instructions (avx512_bf16/AMX) 16-bit runs are emulated
-    result = {"settings": {**COMMON, "cpus": os.cpu_count(), "cpu": cpu_name()}, "configs": {}}
-    print(f"CPU: {cpu_name()}", file=sys.stderr, flush=True)
+    cpu = cpu_name()
+    result = {"settings": {**COMMON, "cpus": os.cpu_count(), "cpu": cpu}, "configs": {}}
+    print(f"CPU: {cpu}", file=sys.stderr, flush=True)
     for name, precision in [(n, p) for n in args.configs for p in args.precision]:
         cfg = CONFIGS[name]
         label = f"{name}-{precision}"
