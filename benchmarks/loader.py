@@ -22,16 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_modalities():
+    """The modalities of `model=tiny`, composed as contrastive-train composes them."""
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from contrastive.builders import build_modalities
+    from contrastive.config import CONFIG_DIR, register_configs
 
-    cfg = OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")
-    base = {n: OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "modality" / f"{n}.yaml")) for n in
-            ("image", "audio", "text")}
-    for name, fields in cfg.modality.items():
-        base[name].update(fields)
-    return build_modalities(["image", "audio", "text"], base), cfg.model.embed_dim
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny"])
+    return build_modalities(list(cfg.modalities), OmegaConf.to_container(cfg.modality)), cfg.model.embed_dim
 
 
 def bare_read(sources) -> tuple[int, float]:
@@ -98,7 +99,7 @@ def main() -> None:
 
     data = args.data or str(REPO / "data" / "demo" / "train")
     if not Path(data, "sizes.json").exists():
-        from data_tools.demo import build_demo
+        from contrastive.data_tools.demo import build_demo
 
         tmp = tempfile.mkdtemp(prefix="demo-")
         print(f"building the demo set in {tmp}", file=sys.stderr)

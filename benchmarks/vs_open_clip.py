@@ -135,6 +135,7 @@ def evaluate(cfg: dict, weights: Path, heldout: Path, ours: bool) -> dict:
     import torch
 
     from contrastive.builders import build_dataset, build_modalities
+    from contrastive.data.settings import DataConfig
     from contrastive.evaluate import compute_metrics, embed_dataset
     from contrastive.export import load_pretrained
     from contrastive.model import ContrastiveModel
@@ -149,7 +150,8 @@ def evaluate(cfg: dict, weights: Path, heldout: Path, ours: bool) -> dict:
         for name in ("image", "text"):
             init_tower(name, model.encoders[name], mods[name], weights)
     model.eval()
-    dataset = build_dataset(str(heldout), model.modalities, batch_size=256, train=False, check=False)
+    dataset = build_dataset(str(heldout), model.modalities, DataConfig(eval_batch_size=256, num_workers=0), train=False,
+                            check=False)
     with torch.no_grad():
         metrics = compute_metrics(model, embed_dataset(model, dataset, device=torch.device("cpu")), prompts=PROMPTS)
     return {"zero_shot_image_to_text": metrics["zero_shot/image->text/acc"],

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from contrastive.data.pipeline import ShardDataset
 from contrastive.data.checks import preflight
+from contrastive.data.pipeline import ShardDataset
+from contrastive.data.settings import DataConfig
 from contrastive.data.sources import load_sources
-from contrastive.loss import ContrastiveLoss, Temperature, resolve_pairs
+from contrastive.loss import ContrastiveLoss, InfoNCESettings, LossSettings
 from contrastive.modalities.base import MODALITIES, ConfigError, Modality, build_modality
 from contrastive.model import ContrastiveModel, ContrastiveObjective
 from contrastive.optim import NO_DECAY_NAMES, param_groups
@@ -21,12 +24,16 @@ log = logging.getLogger("contrastive")
 
 
 def import_modules(names: Sequence[str]) -> None:
-    """Imports user modules (e.g. ones that register a modality) before anything is built."""
+    """Imports user modules (e.g. ones that register a modality or a loss) before anything is built,
+    from the working directory too, as `python -m` would (console scripts leave it off sys.path)."""
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for name in names:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise ConfigError(f"imports: cannot import {name!r}: {e}") from e
+            raise ConfigError(f"imports: cannot import {name!r} ({e}); it is looked for in the working "
+                              "directory and on PYTHONPATH") from e
 
 
 def build_modalities(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Modality]:
@@ -41,37 +48,10 @@ def build_modalities(names: Sequence[str], settings: Mapping[str, Mapping[str, A
     return {n: build_modality(n, **dict(settings.get(n) or {})) for n in names}
 
 
-def build_loss(
-    modality_names: Sequence[str],
-    *,
-    pairs: Any = "all",
-    kind: str = "infonce",
-    temperature: Mapping[str, Any] | None = None,
-    temperatures: Mapping[str, Mapping[str, Any]] | None = None,
-    weights: Mapping[str, float] | None = None,
-    tile_size: int = 0,
-    bias_init: float = -10.0,
-    label_aware: bool = False,
-) -> ContrastiveLoss:
-    """The loss over `pairs` of `modality_names`; temperatures are dicts of Temperature's fields."""
-    return ContrastiveLoss(
-        resolve_pairs(pairs, list(modality_names)),
-        kind=kind,
-        temperature=Temperature(**dict(temperature or {})),
-        temperatures={k: _temperature(f"loss.temperatures.{k}", v) for k, v in (temperatures or {}).items()},
-        weights=weights,
-        tile_size=tile_size,
-        bias_init=bias_init,
-        label_aware=label_aware,
-    )
-
-
-def _temperature(where: str, fields: Mapping[str, Any]) -> Temperature:
-    known = set(Temperature.__dataclass_fields__)
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; a temperature takes {sorted(known)}")
-    return Temperature(**dict(fields))
+def build_loss(modality_names: Sequence[str], settings: LossSettings | Mapping[str, Any] | None = None) -> ContrastiveLoss:
+    """The loss `settings` describe (a registered loss's settings, or a mapping of them with its
+    `name`; InfoNCE over all pairs when none) over `modality_names`."""
+    return ContrastiveLoss(settings if settings is not None else InfoNCESettings(), modality_names)
 
 
 def build_objective(modalities: Mapping[str, Modality], *, embed_dim: int,
@@ -100,27 +80,27 @@ def build_optimizer(
 def build_dataset(
     spec: Any,
     modalities: Mapping[str, Modality],
+    settings: DataConfig,
     *,
-    batch_size: int,
     train: bool,
     seed: int = 0,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
     rank: int = 0,
     world_size: int = 1,
-    resampled: bool = False,
-    epoch_samples: int = 0,
-    modality_dropout: Mapping[str, float] | None = None,
     check: bool = True,
 ) -> ShardDataset:
-    """A rank's loader dataset over `spec` (a directory, or a list of directories or {path, weight});
-    with `check`, the preflight runs first (see contrastive.data.checks)."""
+    """A rank's loader dataset over `spec` (a directory, or a list of directories or {path, weight}),
+    read as `settings` (data.*) say: for training, or (train=False) in order, for evaluation. With
+    `check`, the preflight runs first (see contrastive.data.checks)."""
     sources = load_sources(spec)
+    batch_size = settings.batch_size if train else settings.eval_batch_size
     if check:
-        preflight(sources, modalities, world_size=world_size, num_workers=num_workers, batch_size=batch_size,
+        preflight(sources, modalities, world_size=world_size, num_workers=settings.num_workers, batch_size=batch_size,
                   what="data.train" if train else "data.eval")
+    if not train:
+        return ShardDataset(sources, modalities, batch_size=batch_size, train=False, seed=seed, rank=rank,
+                            world_size=world_size, num_workers=settings.num_workers)
     return ShardDataset(
-        sources, modalities, batch_size=batch_size, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
-        rank=rank, world_size=world_size, num_workers=num_workers, resampled=resampled,
-        epoch_samples=epoch_samples, modality_dropout=modality_dropout,
+        sources, modalities, batch_size=batch_size, train=True, seed=seed, shuffle_buffer=settings.shuffle_buffer,
+        rank=rank, world_size=world_size, num_workers=settings.num_workers, resampled=settings.resampled,
+        epoch_samples=settings.epoch_samples, modality_dropout=settings.modality_dropout,
     )

@@ -124,6 +124,15 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / MARKER).read_text())
 
 
+def record_metrics(path: str | os.PathLike, metrics: dict[str, float]) -> None:
+    """Adds the evaluation at a checkpoint's step to its record (rank 0; atomic, so the checkpoint
+    stays complete whatever happens): exports made from it carry these figures."""
+    if rank() == 0:
+        marker = Path(path) / MARKER
+        _write_atomic(marker, json.dumps({**read_meta(path), "metrics": dict(metrics)}, indent=1, default=str) + "\n")
+    barrier()
+
+
 def load_checkpoint(path: Path, engine: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores the engine (weights, optimizer, schedule) from `path`; returns (meta, this rank's state)."""
     engine.load(path.parent, path.name)

@@ -15,10 +15,13 @@ import math
 import os
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from contrastive.accumulate import cached_accumulation
 
 log = logging.getLogger("contrastive.engine")
 
@@ -29,6 +32,15 @@ log = logging.getLogger("contrastive.engine")
 PRECISIONS = ("fp32", "bf16", "fp16", "amp_bf16")
 HALF_PRECISIONS = ("bf16", "fp16", "amp_bf16")  # matmuls in 16 bits
 ATTENTION = ("auto", "default", "math", "flash", "efficient", "cudnn")
+
+
+@dataclass
+class EngineConfig:
+    """`engine.*`: how DeepSpeed wraps the objective."""
+
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO >= 1; DeepSpeed's CPU Adam)
+    config: Any = None  # a DeepSpeed JSON file (or dict) applied on top of what the above make
 
 
 def attention_backends(choice: str, device_type: str, precision: str) -> list | None:
@@ -65,17 +77,18 @@ def _quiet_deepspeed() -> None:
 
 
 def deepspeed_config(
+    settings: EngineConfig | None = None,
     *,
     micro_batch_size: int,
     world_size: int,
-    zero_stage: int = 0,
     precision: str = "fp32",
     grad_clip: float = 1.0,
     accumulate: int = 1,
-    offload_optimizer: bool = False,
-    user_config: str | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config for these settings; `user_config` (a JSON path or dict) is applied on top."""
+    """The DeepSpeed config for these settings (engine.*, with the trainer's precision, clipping and
+    accumulation); `settings.config` (a JSON path or dict) is applied on top."""
+    settings = settings or EngineConfig()
+    zero_stage, offload_optimizer, user_config = settings.zero_stage, settings.offload_optimizer, settings.config
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision: expected one of {PRECISIONS}, got {precision!r}")
     if zero_stage not in (0, 1, 2, 3):
@@ -121,6 +134,24 @@ def _no_optimizer_step(optimizer: torch.optim.Optimizer):
             optimizer.step = own
 
 
+def _finite(logs: Mapping[str, torch.Tensor]) -> bool:
+    # The logged pair losses are all-reduced: every rank reaches the same verdict.
+    return math.isfinite(float(sum(v for k, v in logs.items() if k.startswith("loss/"))))
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors (and the mask dict's tensors) to `device`; the rest as is."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = {kk: vv.to(device, non_blocking=True) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
 def _merge(base: dict, extra: Mapping) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -137,7 +168,8 @@ class Engine:
         import deepspeed
 
         self.config = config
-        device = next(objective.parameters()).device.type
+        self.device = next(objective.parameters()).device
+        device = self.device.type
         precision = ("bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"]
                      else "amp_bf16" if config.get("torch_autocast", {}).get("enabled") else "fp32")
         self._backends = attention_backends(attention, device, precision)
@@ -171,6 +203,31 @@ class Engine:
             self.engine.enable_backward_allreduce = False
 
     # -- the training step ---------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def train_step(self, micro_batches: list[Mapping[str, Any]]) -> tuple[dict[str, torch.Tensor], bool, bool]:
+        """One optimizer step over `micro_batches`, which the loss takes as one batch (cached features,
+        see contrastive.accumulate). Returns (the loss's metrics, whether the loss was finite, whether
+        the update was applied: False for a non-finite loss or gradient, which changes no weight)."""
+        micro = [to_device(batch, self.device) for batch in micro_batches]
+        applied: list[bool] = []
+        if len(micro) == 1:
+            loss, logs = self(micro[0])
+            finite = _finite(logs)
+            if finite:
+                self.backward(loss)
+                applied.append(self.step())
+        else:
+            def backward(surrogate: torch.Tensor) -> None:
+                self.backward(surrogate)
+                applied.append(self.step())
+
+            loss, logs = cached_accumulation(lambda b: self(b, embed_only=True), self.objective.loss, micro,
+                                             backward=backward, proceed=lambda loss, logs: _finite(logs))
+            finite = _finite(logs)
+        return logs, finite, finite and all(applied)
+
     def _attention(self):
         from torch.nn.attention import sdpa_kernel
 

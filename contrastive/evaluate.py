@@ -12,13 +12,27 @@ computes the same figures on the whole set.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Sequence
 
 import torch
 
-from contrastive.data.pipeline import ShardDataset, make_loader
+from contrastive.data.pipeline import ShardDataset, loader_batches
 from contrastive.distributed import gather_no_grad, world_size
 from contrastive.model import ContrastiveModel
+
+# Zero-shot class prompts when neither the config nor an export names others.
+DEFAULT_PROMPTS = ("a photo of {label}", "{label}")
+
+
+@dataclass
+class EvalConfig:
+    """`eval.*`: zero-shot prompts and how much of the held-out set to use."""
+
+    # Zero-shot class prompts; {label} is replaced by each class name found in the eval data.
+    prompts: List[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    text_modality: str = "text"
+    max_samples: int = 0  # 0 = the whole eval set
 
 
 @torch.no_grad()
@@ -34,17 +48,18 @@ def embed_dataset(model: ContrastiveModel, dataset: ShardDataset, *, device: tor
     keys: list[str] = []
     labels: list[Any] = []
     seen = 0
-    for batch in make_loader(dataset):
-        with autocast() if autocast else _null():
-            emb = model({n: batch[n].to(device) for n in names})
-        for n in names:
-            chunks[n].append(gather_no_grad(emb[n].float()).cpu())
-            masks[n].append(gather_no_grad(batch["mask"][n].to(device)).cpu())
-        keys.extend(_gather_list(batch["__key__"]))
-        labels.extend(_gather_list(batch["label"]))
-        seen += len(batch["__key__"]) * world_size()
-        if max_samples and seen >= max_samples:
-            break
+    with loader_batches(dataset) as stream:
+        for batch in stream:
+            with autocast() if autocast else _null():
+                emb = model({n: batch[n].to(device) for n in names})
+            for n in names:
+                chunks[n].append(gather_no_grad(emb[n].float()).cpu())
+                masks[n].append(gather_no_grad(batch["mask"][n].to(device)).cpu())
+            keys.extend(_gather_list(batch["__key__"]))
+            labels.extend(_gather_list(batch["label"]))
+            seen += len(batch["__key__"]) * world_size()
+            if max_samples and seen >= max_samples:
+                break
     model.train(was_training)
     out: dict[str, Any] = {"embeddings": {}, "mask": {}}
     real = torch.tensor([bool(k) for k in keys])

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from contrastive.model import ContrastiveModel
+from contrastive.model import ContrastiveModel, ContrastiveObjective
 
 FORMAT = "contrastive-export/1"
 WEIGHTS = "model.safetensors"
@@ -109,6 +109,39 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     model = ContrastiveModel.from_config(config["modalities"], config["embed_dim"])
     model.load_state_dict(load_file(str(path / WEIGHTS)))
     return model.to(device).eval()
+
+
+def objective_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[ContrastiveObjective, dict[str, Any]]:
+    """The model and loss a training checkpoint holds (ZeRO partitions and mixed-precision master
+    weights gathered into fp32), in eval mode, and the checkpoint's record (contrastive.json)."""
+    from contrastive.builders import build_loss, build_modalities, import_modules
+    from contrastive.checkpoint import read_meta
+    from contrastive.engine import consolidated_state_dict
+
+    meta = read_meta(checkpoint)
+    cfg = meta["config"]
+    import_modules(cfg.get("imports", []))
+    modalities = build_modalities(cfg["modalities"], cfg["modality"])
+    model = ContrastiveModel(modalities, cfg["model"]["embed_dim"])
+    objective = ContrastiveObjective(model, build_loss(list(modalities), cfg["loss"]))
+    objective.load_state_dict(consolidated_state_dict(checkpoint))
+    return objective.eval(), meta
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A training checkpoint -> an export directory: what training writes at its end and what
+    `contrastive-export` writes, the same bytes for the same checkpoint."""
+    objective, meta = objective_from_checkpoint(checkpoint)
+    cfg, state = meta["config"], meta["state"]
+    layout = meta.get("data_layout", {})
+    info = {"steps": meta["step"], "train_data": cfg["data"]["train"], "eval_data": cfg["data"]["eval"],
+            "global_batch_size": cfg["data"]["batch_size"] * layout.get("world_size", 1) * cfg["trainer"]["accumulate"],
+            "epochs_seen": state["position"]["epoch"], "samples_seen": state["counts"].get("samples", 0),
+            "zero_stage": cfg["engine"]["zero_stage"], "precision": cfg["trainer"]["precision"]}
+    with torch.no_grad():
+        scales = {name: float(scale) for name, scale in objective.loss.scales().items()}
+    return export_model(objective.model, out_dir, logit_scales=scales, info=info, prompts=list(cfg["eval"]["prompts"]),
+                        metrics={k.removeprefix("eval/"): v for k, v in meta.get("metrics", {}).items()})
 
 
 def model_card(config: Mapping[str, Any]) -> str:

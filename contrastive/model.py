@@ -7,7 +7,8 @@ that one module, the one the training engine wraps, maps a batch to a loss.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,16 @@ from torch import nn
 
 from contrastive.loss import ContrastiveLoss
 from contrastive.modalities.base import Modality, build_modality
+
+
+@dataclass
+class ModelConfig:
+    """`model.*`: the shared embedding size and each tower's settings (`model.towers.<modality>`)."""
+
+    embed_dim: int = 512
+    # <modality>: the fields of TowerSettings (contrastive.towers), checked when the towers are set up;
+    # a dict here so that `+model.towers.image={freeze: true}` works from the command line
+    towers: Dict[str, Any] = field(default_factory=dict)
 
 
 class ContrastiveModel(nn.Module):

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Sequence
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 # Parameters whose names hold one of these are embeddings or temperatures: no weight decay. (open_clip's
 # trainer decays its positional and token embeddings; `optim.no_decay=[logit_scale]` does the same.)
 NO_DECAY_NAMES = ("embedding", "pos_embed", "cls_token", "class_embedding", "logit_scale", "logit_bias")
+
+
+@dataclass
+class OptimConfig:
+    """`optim.*`: the optimizer and schedule (instantiated: `_target_`, `_partial_`), clipping, decay rules."""
+
+    optimizer: Any = MISSING  # _target_ + _partial_: called with the parameter groups
+    scheduler: Any = None  # _target_ + _partial_: called with (optimizer, total_steps=...)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # names (substrings) of parameters without weight decay, beside every bias and norm
+    no_decay: List[str] = field(default_factory=lambda: list(NO_DECAY_NAMES))
 
 
 def param_groups(module: nn.Module, weight_decay: float,

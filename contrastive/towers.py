@@ -3,9 +3,11 @@ turn on activation checkpointing. Works on any tower: open_clip's, timm's, or a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -104,25 +106,35 @@ def freeze_tower(name: str, encoder: nn.Module, unlocked_blocks: int = 0) -> int
     return trainable
 
 
-TOWER_FIELDS = {"freeze": False, "unlocked_blocks": 0, "init": None, "grad_checkpointing": False, "compile": False}
+@dataclass
+class TowerSettings:
+    """`model.towers.<name>`: how one tower starts and trains."""
+
+    init: Optional[str] = None  # a file or export to initialise the tower from (see tower_state)
+    freeze: bool = False  # no gradient for the tower...
+    unlocked_blocks: int = 0  # ...except its last N blocks and what acts after them (LiT)
+    grad_checkpointing: bool = False  # activation checkpointing inside the tower
+    compile: Any = False  # torch.compile the tower in place: true, or torch.compile's keyword arguments
 
 
-def apply_tower_settings(model: Any, settings: dict[str, dict[str, Any]]) -> None:
-    """model.towers.<name>: {init, freeze, unlocked_blocks, grad_checkpointing, compile}, in that order."""
-    for name, fields in settings.items():
+def apply_tower_settings(model: Any, settings: Mapping[str, TowerSettings | Mapping[str, Any]]) -> None:
+    """model.towers.<name>: init, freeze (unlocked_blocks), grad_checkpointing, compile, in that order."""
+    for name, tower in settings.items():
         if name not in model.encoders:
             raise ConfigError(f"model.towers.{name}: no such tower among {list(model.encoders)}")
-        unknown = sorted(set(fields) - set(TOWER_FIELDS))
-        if unknown:
-            raise ConfigError(f"model.towers.{name}: unknown key(s) {unknown}; a tower takes {sorted(TOWER_FIELDS)}")
-        f = {**TOWER_FIELDS, **fields}
-        if f["init"]:
-            init_tower(name, model.encoders[name], model.modalities[name], f["init"])
-        if f["freeze"]:
-            freeze_tower(name, model.encoders[name], f["unlocked_blocks"])
-        if f["grad_checkpointing"]:
+        if not isinstance(tower, TowerSettings):
+            known = {f.name for f in dataclasses.fields(TowerSettings)}
+            unknown = sorted(set(tower) - known)
+            if unknown:
+                raise ConfigError(f"model.towers.{name}: unknown key(s) {unknown}; a tower takes {sorted(known)}")
+            tower = TowerSettings(**tower)
+        if tower.init:
+            init_tower(name, model.encoders[name], model.modalities[name], tower.init)
+        if tower.freeze:
+            freeze_tower(name, model.encoders[name], tower.unlocked_blocks)
+        if tower.grad_checkpointing:
             model.set_grad_checkpointing([name])
-        if f["compile"]:
+        if tower.compile:
             # In place (nn.Module.compile): parameter names, checkpoints and exports stay as they are.
             # The first steps pay the compilation (inductor; needs a C++ compiler on CPU).
-            model.encoders[name].compile(**({} if f["compile"] is True else dict(f["compile"])))
+            model.encoders[name].compile(**({} if tower.compile is True else dict(tower.compile)))

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+
+@dataclass
+class LoggerConfig:
+    """`logger.*`: metrics.jsonl always; wandb and TensorBoard on demand."""
+
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "contrastive"
+    tensorboard: bool = False
 
 
 class MetricsLogger:

@@ -2,6 +2,7 @@
 # Installs contrastive into ./.venv with everything it needs, in one pip resolver run.
 #
 #   bash scripts/install.sh
+#   VENV=/opt/venv PACKAGE=dist/contrastive-0.1.0-py3-none-any.whl bash scripts/install.sh   # a wheel
 #
 # CPU machine (no nvidia-smi): the CPU build of torch 2.13.0 and no nvidia-* package.
 # CUDA machine: the CUDA build of the same torch release from the package index.
@@ -10,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+PACKAGE=${PACKAGE:--e .[test]}  # what to install: this checkout, editable, with the test tools; or a wheel
 TORCH_PINS=(torch==2.13.0 torchvision==0.28.0 torchaudio==2.11.0)
 
 # pip warns once per package about the machine's optional local indexes; keep the log readable.
@@ -31,30 +34,34 @@ else
     DEVICE=cpu
 fi
 
-stamp=.venv/.contrastive-install
-want="$DEVICE $(cat pyproject.toml scripts/install.sh scripts/torchvision_cpu_shim.py | sha256sum | cut -c1-16)"
+stamp=$VENV/.contrastive-install
+want="$DEVICE $PACKAGE $(cat pyproject.toml scripts/install.sh scripts/torchvision_cpu_shim.py | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    echo "[install] .venv is up to date ($DEVICE)"
+    echo "[install] $VENV is up to date ($DEVICE)"
     exit 0
 fi
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY=$VENV/bin/python
+PIP=("$PY" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip 2> >(quiet_pip_warnings)
 # One resolver run: torch is pinned in the same command as everything that depends on it, so no
 # dependency can ask for another torch (on a CPU machine that would be a multi-GB CUDA build).
-echo "[install] pip: ${TORCH_PINS[*]} + contrastive[test] ($DEVICE)"
-"${PIP[@]}" install -q "${TORCH_PINS[@]}" -e ".[test]" 2> >(quiet_pip_warnings)
+echo "[install] pip: ${TORCH_PINS[*]} + $PACKAGE ($DEVICE)"
+# shellcheck disable=SC2086  # PACKAGE is "-e .[test]" or a wheel's path: split on purpose
+# (setuptools' build backend warns about every editable install with a banner; not ours to act on)
+PYTHONWARNINGS="ignore:Editable installation" "${PIP[@]}" install -q "${TORCH_PINS[@]}" $PACKAGE \
+    2> >(quiet_pip_warnings)
 
-SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 # torchaudio's wheel ships compiled libraries built against a CUDA torch of its own release; beside
 # the CPU torch they fail to load and make `import torchaudio` fail. The parts we use (MelSpectrogram,
 # resample, fbank) are pure Python, so where the libraries cannot load we set them aside.
-if ! .venv/bin/python -c "import torchaudio" >/dev/null 2>&1; then
+if ! "$PY" -c "import torchaudio" >/dev/null 2>&1; then
     echo "[install] torchaudio's compiled libraries do not load here: using its pure-Python parts"
     for so in "$SITE"/torchaudio/lib/*.so; do mv "$so" "$so.disabled"; done
-    .venv/bin/python -c "import torchaudio"
+    "$PY" -c "import torchaudio"
 fi
 
 # torchvision 0.28.0 (the release that pins torch 2.13.0) is a CUDA build: beside the CPU torch its
@@ -62,15 +69,15 @@ fi
 # missing operator schemas the first time torchvision is imported (so open_clip imports, and its
 # transforms work); it is installed only when the plain import fails.
 rm -f "$SITE/contrastive_torchvision_shim.pth" "$SITE/_contrastive_torchvision_shim.py"
-if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
+if ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
     echo "[install] torchvision's operator library does not load here: installing the CPU shim"
     cp scripts/torchvision_cpu_shim.py "$SITE/_contrastive_torchvision_shim.py"
     echo "import _contrastive_torchvision_shim" >"$SITE/contrastive_torchvision_shim.pth"
-    .venv/bin/python -c "import torchvision, open_clip"
+    "$PY" -c "import torchvision, open_clip"
 fi
 
 if [ "$DEVICE" = cpu ]; then
-    torch_version=$(.venv/bin/python -c 'import torch; print(torch.__version__)')
+    torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
     case "$torch_version" in *+cpu) ;; *) echo "[install] expected a CPU torch, got $torch_version" >&2; exit 1 ;; esac
     if "${PIP[@]}" list 2>/dev/null | grep -i '^nvidia-'; then
         echo "[install] nvidia-* packages were installed on a CPU machine" >&2
@@ -79,4 +86,4 @@ if [ "$DEVICE" = cpu ]; then
 fi
 
 echo "$want" >"$stamp"
-echo "[install] done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
+echo "[install] done: $("$PY" -c 'import torch; print("torch", torch.__version__)')"

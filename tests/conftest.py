@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from contrastive.config import CONFIG_DIR as _CONFIG_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+CONFIG_DIR = Path(_CONFIG_DIR)
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The demo set, cut down: 160 training images (160 samples), 40 held-out, 40 samples a shard."""
-    from data_tools.demo import build_demo
+    from contrastive.data_tools.demo import build_demo
 
     out = tmp_path_factory.mktemp("demo")
     build_demo(out, copies=1, max_images=160, shard_size=40)

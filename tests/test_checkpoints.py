@@ -66,6 +66,7 @@ def _interrupted_save(tmp):
     from contrastive.builders import build_objective, build_optimizer
     from contrastive.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from contrastive.engine import Engine, deepspeed_config
+
     from datasets import tiny_modalities
 
     tmp = Path(tmp)

@@ -12,6 +12,7 @@ import torch
 
 from contrastive.data import DataPosition, ShardDataset, batches, list_shards, load_sources, make_loader
 from contrastive.data.shards import count_samples
+
 from datasets import sample, tiny_modalities, write_dataset
 
 

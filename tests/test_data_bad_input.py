@@ -13,6 +13,7 @@ import pytest
 from contrastive.data import ShardDataset, load_sources, make_loader
 from contrastive.data.checks import check_bad_fraction
 from contrastive.data.shards import DataError
+
 from datasets import flac, sample, tiny_modalities, write_dataset
 
 MODS = ("image", "audio", "text")

@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 
-from conftest import run_cli, tiny_overrides
 from contrastive.data import DataError, ShardDataset, load_sources, make_loader
 from contrastive.data.checks import preflight
+
+from conftest import run_cli, tiny_overrides
 from datasets import sample, tiny_modalities, write_dataset
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from contrastive.data import ShardDataset, list_shards, load_sources, make_loader
+from contrastive.data_tools.inspect import stats, verify
+from contrastive.data_tools.shards import build_shards
+
 from conftest import run_cli
-from contrastive.data import list_shards, load_sources, ShardDataset, make_loader
-from data_tools.inspect import stats, verify
-from data_tools.shards import build_shards
 from datasets import flac, png, sample, tiny_modalities, write_dataset
 
 

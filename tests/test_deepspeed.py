@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, read_jsonl, run_cli, tiny_overrides
 from contrastive.data.sources import iter_tar_samples
+
+from conftest import BIN, read_jsonl, run_cli, tiny_overrides
 from datasets import write_dataset
 from dist_utils import free_port
 
@@ -86,6 +87,7 @@ def _engine_losses(attention: str, precision: str, dtypes: bool = False):
     """Three steps of a DeepSpeed engine with these attention kernels (in a process group of one)."""
     from contrastive.builders import build_objective, build_optimizer
     from contrastive.engine import Engine, deepspeed_config
+
     from datasets import tiny_modalities
 
     torch.manual_seed(0)
@@ -109,6 +111,7 @@ def _first_update(precision: str) -> tuple[set, float]:
     """One optimizer step of a fresh engine: AdamW's step counts, and its update over the lr."""
     from contrastive.builders import build_objective, build_optimizer
     from contrastive.engine import Engine, deepspeed_config
+
     from datasets import tiny_modalities
 
     torch.manual_seed(0)
@@ -144,6 +147,7 @@ def test_attention_kernels_are_chosen_by_config():
     from torch.nn.attention import SDPBackend
 
     from contrastive.engine import attention_backends
+
     from dist_utils import run_ranks
 
     assert attention_backends("auto", "cpu", "bf16") == [SDPBackend.MATH]

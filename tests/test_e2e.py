@@ -66,7 +66,16 @@ def test_standalone_eval_and_export(demo_run, demo_data, tmp_path):
                    "--json", str(tmp_path / "m.json"))
     assert "image->text" in proc.stdout and (tmp_path / "m.json").exists()
     run_cli("contrastive-export", str(run_dir), str(tmp_path / "export"))
-    assert (tmp_path / "export" / "config.json").exists()
+    # One function makes both exports: the same bytes as training's own export of the same checkpoint.
+    ours, theirs = run_dir / "export", tmp_path / "export"
+    files = sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+    assert {"model.safetensors", "config.json", "README.md", "open_clip/open_clip_model.safetensors"} <= {
+        str(f) for f in files}
+    for f in files:
+        assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
+    config = json.loads((theirs / "config.json").read_text())
+    assert config["info"]["steps"] == 4 and "zero_shot/image->text/acc" in config["metrics"]
 
 
 @pytest.mark.parametrize("options", [

@@ -3,7 +3,6 @@ and nearest-neighbour search over them."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, REPO, run_cli
 from contrastive.builders import build_objective
 from contrastive.embed import load_embeddings
 from contrastive.export import export_model
+
+from conftest import BIN, REPO, run_cli
 from datasets import sample, tiny_modalities, write_dataset
 
 

@@ -69,6 +69,7 @@ def test_embed_dataset_drops_padding_and_keeps_masks(tmp_path):
     from contrastive.builders import build_objective
     from contrastive.data import ShardDataset, load_sources
     from contrastive.evaluate import embed_dataset
+
     from datasets import sample, tiny_modalities, write_dataset
 
     write_dataset(tmp_path, [sample(i, audio=i % 3 != 0) for i in range(11)], shard_size=4)

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from conftest import REPO, read_jsonl, run_cli
 from contrastive.modalities import Modality, register_modality
+
+from conftest import REPO, read_jsonl, run_cli
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -53,9 +54,9 @@ def vec_samples(n: int, seed: int) -> list[dict]:
 
 
 def test_a_fourth_modality_trains_through_the_cli(tmp_path):
-    from datasets import write_dataset
-
     import contrastive
+
+    from datasets import write_dataset
 
     write_dataset(tmp_path / "train", vec_samples(96, 0), shard_size=32)
     write_dataset(tmp_path / "eval", vec_samples(40, 1), shard_size=40)

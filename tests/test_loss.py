@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive.loss import ContrastiveLoss, Temperature, info_nce, resolve_pairs
+from contrastive.loss import ContrastiveLoss, InfoNCESettings, Temperature, info_nce, resolve_pairs
 from contrastive.modalities import ConfigError
 
 
@@ -77,30 +77,34 @@ def test_pairs_from_config():
 def test_temperatures_learnable_fixed_and_clamped():
     emb = {"image": unit(4, 8, 6), "text": unit(4, 8, 7), "audio": unit(4, 8, 8)}
     mask = {k: torch.ones(4, dtype=torch.bool) for k in emb}
-    learn = ContrastiveLoss([("image", "text")], temperature=Temperature(0.07, learnable=True))
+    learn = image_text(temperature=Temperature(0.07, learnable=True))
     loss, logs = learn(emb, mask)
     loss.backward()
-    assert learn.logit_scale["image-text"].grad is not None
+    assert learn.losses["image-text"].logit_scale.grad is not None
     assert logs["logit_scale/image-text"].item() == pytest.approx(1 / 0.07, rel=1e-5)
 
-    fixed = ContrastiveLoss([("image", "text")], temperature=Temperature(0.05, learnable=False))
-    assert not fixed.logit_scale["image-text"].requires_grad
+    fixed = image_text(temperature=Temperature(0.05, learnable=False))
+    assert not fixed.losses["image-text"].logit_scale.requires_grad
     assert fixed.scales()["image-text"].item() == pytest.approx(20.0, rel=1e-5)
 
-    hot = ContrastiveLoss([("image", "text")], temperature=Temperature(0.001))
+    hot = image_text(temperature=Temperature(0.001))
     assert hot.scales()["image-text"].item() == pytest.approx(100.0)
+
+
+def image_text(**settings) -> ContrastiveLoss:
+    return ContrastiveLoss(InfoNCESettings(pairs=[["image", "text"]], **settings), ["image", "text", "audio"])
 
 
 def test_pairs_are_summed_with_weights():
     emb = {"image": unit(5, 8, 9), "text": unit(5, 8, 10), "audio": unit(5, 8, 11)}
     mask = {k: torch.ones(5, dtype=torch.bool) for k in emb}
     mask["audio"][0] = False
-    loss_fn = ContrastiveLoss([("image", "text"), ("audio", "text")], temperature=Temperature(0.1),
-                              weights={"audio-text": 0.5})
+    loss_fn = ContrastiveLoss(InfoNCESettings(pairs=[["image", "text"], ["audio", "text"]],
+                                              temperature=Temperature(0.1), weights={"audio-text": 0.5}), list(emb))
     total, logs = loss_fn(emb, mask)
     it = info_nce(emb["image"], emb["text"], mask["image"] & mask["text"], torch.tensor(10.0))
     at = info_nce(emb["audio"], emb["text"], mask["audio"] & mask["text"], torch.tensor(10.0))
     assert total.item() == pytest.approx(it.item() + 0.5 * at.item(), rel=1e-5)
     assert logs["loss/audio-text"].item() == pytest.approx(at.item(), rel=1e-6)
     with pytest.raises(ConfigError, match="not configured pairs"):
-        ContrastiveLoss([("image", "text")], weights={"image-audio": 1.0})
+        image_text(weights={"image-audio": 1.0})

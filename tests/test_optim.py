@@ -9,6 +9,7 @@ import torch
 
 from contrastive.builders import build_objective, build_optimizer
 from contrastive.optim import warmup_cosine
+
 from datasets import tiny_modalities
 
 

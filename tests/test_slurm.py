@@ -77,15 +77,22 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
 
 def test_submit_runs_the_demo_as_a_two_task_job(slurm, demo_data, tmp_path):
     run_dir = tmp_path / "run"
-    job = submit(run_dir, *tiny_overrides(demo_data, run_dir), "trainer.max_steps=6")
+    # trainer.progress=true: the bar is asked for, but the job's stdout is a file, so it logs lines
+    job = submit(run_dir, *tiny_overrides(demo_data, run_dir), "trainer.max_steps=6", "trainer.progress=true",
+                 "trainer.log_every=2")
     wait_for(lambda: finished(job), 300, f"job {job} to finish")
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert job_info(job)["JobState"] == "COMPLETED", log[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
     assert "eval/zero_shot/image->text/acc" in rows[-1] and (run_dir / "export" / "model.safetensors").exists()
     assert len(re.findall(r"data.train: 160 samples in 4 shards, 2 ranks", log)) == 2  # two ranks, one job
+    lines = re.findall(r"step (\d)/6 \(\d+%\) \| epoch \d \| loss [\d.]+ \(image-audio [\d.]+, image-text [\d.]+, "
+                       r"audio-text [\d.]+\) \| lr [\d.e+-]+ \| \d+ samples/s \| data wait \d+% \| MFU [\d.]+% \| "
+                       r"ETA [\dhms]+", log)
+    assert lines == ["2", "4", "6"], log[-3000:]  # from rank 0 only, every log_every steps
+    assert "\r" not in log  # no progress bar redraws in the file
 
 
 def signal_and_wait_for_requeue(job: str, restarts: int) -> None:

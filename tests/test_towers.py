@@ -11,6 +11,7 @@ from contrastive.builders import build_objective
 from contrastive.export import export_model
 from contrastive.modalities import ConfigError
 from contrastive.towers import apply_tower_settings, freeze_tower
+
 from datasets import TINY, tiny_modalities
 
 

@@ -27,7 +27,7 @@ def embed(args) -> int:
     dist = init_distributed()
     data = args.data
     if args.manifest:
-        from data_tools.shards import build_shards
+        from contrastive.data_tools.shards import build_shards
 
         data = args.out / "source_shards"
         if dist.is_main and not (data / "sizes.json").exists():

@@ -12,30 +12,19 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_PROMPTS = ["a photo of {label}", "{label}"]
-
 
 def load_model(path: Path):
     """An export directory, a training checkpoint or a run directory (its latest checkpoint) ->
     (model, the zero-shot prompts stored with it or None)."""
-    from contrastive.export import CONFIG, load_pretrained
+    from contrastive.export import CONFIG, load_pretrained, objective_from_checkpoint
 
     if (path / CONFIG).exists():
         stored = json.loads((path / CONFIG).read_text()).get("eval", {}).get("prompts")
         return load_pretrained(path), stored or None
-    from contrastive.builders import import_modules
-    from contrastive.checkpoint import read_meta, resolve_resume
-    from contrastive.engine import consolidated_state_dict
-    from contrastive.model import ContrastiveModel
+    from contrastive.checkpoint import resolve_resume
 
-    checkpoint = resolve_resume(str(path), path)
-    cfg = read_meta(checkpoint)["config"]
-    import_modules(cfg.get("imports", []))
-    model = ContrastiveModel.from_config({m: cfg["modality"].get(m) or {} for m in cfg["modalities"]},
-                                         cfg["model"]["embed_dim"])
-    weights = consolidated_state_dict(checkpoint)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
-    return model.eval(), cfg.get("eval", {}).get("prompts")
+    objective, meta = objective_from_checkpoint(resolve_resume(str(path), path))
+    return objective.model, meta["config"].get("eval", {}).get("prompts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,15 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from contrastive.builders import build_dataset
+    from contrastive.data.settings import DataConfig
     from contrastive.distributed import init_distributed
-    from contrastive.evaluate import compute_metrics, embed_dataset, format_table
+    from contrastive.evaluate import DEFAULT_PROMPTS, compute_metrics, embed_dataset, format_table
 
     dist = init_distributed()
     model, stored_prompts = load_model(args.model)
     model.to(dist.device)
-    prompts = args.prompts or stored_prompts or DEFAULT_PROMPTS
-    dataset = build_dataset(args.data, model.modalities, batch_size=args.batch_size, train=False,
-                            num_workers=args.workers, rank=dist.rank, world_size=dist.world_size)
+    prompts = args.prompts or stored_prompts or list(DEFAULT_PROMPTS)
+    dataset = build_dataset(args.data, model.modalities, DataConfig(eval_batch_size=args.batch_size,
+                            num_workers=args.workers), train=False, rank=dist.rank, world_size=dist.world_size)
     with torch.no_grad():
         embedded = embed_dataset(model, dataset, device=dist.device, max_samples=args.max_samples)
     metrics = compute_metrics(model, embedded, prompts=prompts, text_modality=args.text_modality)

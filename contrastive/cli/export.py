@@ -20,20 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from contrastive.checkpoint import read_meta, resolve_resume
-    from contrastive.cli.evaluate import load_model
-    from contrastive.engine import consolidated_state_dict
-    from contrastive.export import export_model
+    from contrastive.checkpoint import resolve_resume
+    from contrastive.export import export_checkpoint
 
     path = resolve_resume(str(args.checkpoint), args.checkpoint)
-    meta = read_meta(path)
-    cfg = meta["config"]
-    model, prompts = load_model(path)
-    max_scale = cfg["loss"]["temperature"]["max_logit_scale"]
-    scales = {k.removeprefix("loss.logit_scale."): float(v.exp().clamp(max=max_scale))
-              for k, v in consolidated_state_dict(path).items() if k.startswith("loss.logit_scale.")}
-    out = export_model(model, args.out_dir, logit_scales=scales, prompts=prompts,
-                       info={"steps": meta["step"], "train_data": cfg["data"]["train"], "checkpoint": str(path)})
+    out = export_checkpoint(path, args.out_dir)
     print(f"exported {path} to {out}")
     return 0
 

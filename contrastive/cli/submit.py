@@ -15,24 +15,23 @@ directory after a requeue or a preemption.
 from __future__ import annotations
 
 import argparse
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch.template"
-
 
 def compose(overrides: list[str]):
+    """The training config these overrides compose (launcher=slurm unless another is named), checked
+    as contrastive-train checks it, and the run directory."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from contrastive.cli.train import CONFIG_DIR
-    from contrastive.config import register_configs, validate
+    from contrastive.cli.train import import_from_overrides
+    from contrastive.config import CONFIG_DIR, validate
 
-    register_configs()
+    import_from_overrides(overrides)
     if not any(o.startswith("launcher=") for o in overrides):
         overrides = ["launcher=slurm", *overrides]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -44,25 +43,6 @@ def compose(overrides: list[str]):
     return cfg, run_dir
 
 
-def render(cfg, run_dir: Path, script: Path) -> str:
-    launcher = cfg.launcher
-    optional = []
-    if launcher.gpus_per_node:
-        optional.append(f"#SBATCH --gpus-per-node={launcher.gpus_per_node}")
-    if launcher.cpus_per_task:
-        optional.append(f"#SBATCH --cpus-per-task={launcher.cpus_per_task}")
-    if launcher.partition:
-        optional.append(f"#SBATCH --partition={launcher.partition}")
-    if launcher.account:
-        optional.append(f"#SBATCH --account={launcher.account}")
-    optional += [f"#SBATCH {option}" for option in launcher.sbatch]
-    return TEMPLATE.read_text().format(
-        script=script, job_name=launcher.job_name, nodes=launcher.nodes, tasks_per_node=launcher.tasks_per_node,
-        time=launcher.time, run_dir=shlex.quote(str(run_dir)), signal_seconds=launcher.signal_seconds,
-        optional_lines="\n".join(optional), setup="\n".join(launcher.setup), python=shlex.quote(sys.executable),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="contrastive-submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for contrastive-train")
     args = parser.parse_args(argv)
 
+    from contrastive.launch import render_sbatch
+
     cfg, run_dir = compose(args.overrides)
     script = run_dir / "job.sbatch"
-    text = render(cfg, run_dir, script)
+    text = render_sbatch(OmegaConf.to_object(cfg.launcher), run_dir=run_dir, script=script, python=sys.executable)
     if args.dry_run:
         print(text)
         print(f"# (dry run: nothing written, nothing submitted; run directory would be {run_dir})", file=sys.stderr)

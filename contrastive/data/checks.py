@@ -15,6 +15,8 @@ from contrastive.modalities.base import Modality
 
 log = logging.getLogger("contrastive.data")
 
+SHARED_SHARD_WARNING_BATCHES = 10  # batches per worker from which too few shards is worth a warning
+
 
 def preflight(
     sources: Sequence[Source],
@@ -38,7 +40,9 @@ def preflight(
         log.warning("%s: %d samples fill less than one batch per worker (%d ranks x %d workers x batch %d): "
                     "most rows of every batch are padding; lower data.batch_size or data.num_workers",
                     what, total, world_size, max(num_workers, 1), batch_size)
-    if len(shards) < workers:
+    # Workers sharing a shard each read past the others' parts of it: worth a word only when the
+    # data is big enough for that to show (a small eval set read by two workers is not).
+    if len(shards) < workers and total > SHARED_SHARD_WARNING_BATCHES * workers * batch_size:
         log.warning("%s: %d shards for %d ranks x workers: workers read parts of the same shards (correct, "
                     "but each skips its share of a shard's bytes); more shards than ranks x workers read faster",
                     what, len(shards), workers)

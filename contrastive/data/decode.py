@@ -5,6 +5,10 @@ out of its sample (the rest of the sample is kept) and counted under `bad/<modal
 nothing usable left is counted under `bad/empty_sample`; slots a broken shard could not deliver are
 counted under the shard error's name. The first few occurrences of each kind are logged with shard
 and key. Counters travel with each batch, so the trainer sums exact totals from every worker.
+
+What is the code's fault is not counted: a modality whose decode or preprocess has failed on its
+first `CODE_ERROR_AFTER` samples without ever succeeding stops the loader at the end of that batch
+with a ModalityError carrying the first failure's traceback (a bug in a new modality, not bad data).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from contrastive.modalities.base import MODALITIES, Modality
+from contrastive.modalities.base import MODALITIES, Modality, ModalityError
 
 log = logging.getLogger("contrastive.data")
 
@@ -34,6 +38,7 @@ def lost(counts: Mapping[str, int]) -> int:
     """Bad-input events that cost a sample or one of its modalities."""
     return sum(v for k, v in counts.items() if k.startswith("bad/") and k not in NOT_LOST)
 WARN_FIRST = 5  # warnings per kind of bad input and worker; the counters keep counting after that
+CODE_ERROR_AFTER = 3  # failures of a modality that has never succeeded, before they count as a bug
 
 
 @contextmanager
@@ -83,6 +88,8 @@ class BatchDecoder:
             raise ValueError(f"data.modality_dropout: {sorted(unknown)} are not enabled modalities")
         self.known = known_extensions()
         self.warned: Counter = Counter()
+        self.succeeded: set[str] = set()  # modalities that decoded and preprocessed at least once
+        self.failures: dict[str, tuple[int, BaseException]] = {}  # the others': (failures, first failure)
 
     def warn(self, kind: str, shard: str, key: str, reason: str) -> None:
         self.warned[kind] += 1
@@ -122,15 +129,32 @@ class BatchDecoder:
                 modality = self.modalities[name]
                 try:
                     row[name] = modality.preprocess(modality.decode(sample[ext], ext), train=self.train)
-                except Exception as e:  # noqa: BLE001 - any decoder failure is bad input, not a crash
+                    self.succeeded.add(name)
+                except Exception as e:  # noqa: BLE001 - bad input, unless it never succeeds (check_code)
                     counts[f"bad/{name}"] += 1
                     self.warn(name, shard, key, f"{ext}: {type(e).__name__}: {e}")
+                    if name not in self.succeeded:
+                        failed, first = self.failures.get(name, (0, e))
+                        self.failures[name] = (failed + 1, first)
         if not row:
             counts["bad/empty_sample"] += 1
             self.warn("empty_sample", shard, key, "no usable modality")
         if "__extra__" in sample:
             counts["bad/sizes_mismatch"] += sample["__extra__"]
         return row, label
+
+    def check_code(self) -> None:
+        """Raises ModalityError for a modality that failed on its first CODE_ERROR_AFTER samples and
+        never succeeded: its decode or preprocess is broken, whatever the data."""
+        for name, (failed, first) in self.failures.items():
+            if name not in self.succeeded and failed >= CODE_ERROR_AFTER:
+                cls = type(self.modalities[name])
+                raise ModalityError(
+                    f"the {name} modality ({cls.__module__}.{cls.__name__}) failed on each of the first "
+                    f"{failed} samples that hold it and has never succeeded: a bug in its decode or "
+                    f"preprocess (the traceback of its first failure is above), or data none of which is "
+                    f"readable (`contrastive-data verify` tells which). First failure: "
+                    f"{type(first).__name__}: {first}") from first
 
     def __call__(self, slots: list[dict[str, Any] | None]) -> dict[str, Any]:
         counts: Counter = Counter()
@@ -156,6 +180,7 @@ class BatchDecoder:
             rows.append(row)
             keys.append(key if row else "")
             labels.append(label if row else None)
+        self.check_code()
         batch: dict[str, Any] = {"mask": {}}
         for name, modality in self.modalities.items():
             present = [name in row for row in rows]

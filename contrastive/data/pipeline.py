@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -21,6 +22,7 @@ import torch
 import webdataset as wds
 
 from contrastive.data.decode import BatchDecoder
+from contrastive.data.settings import DataConfig
 from contrastive.data.shards import DataError
 from contrastive.data.sources import Source, exact_slots, resampled_slots, span
 from contrastive.modalities.base import Modality
@@ -56,7 +58,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         batch_size: int,
         train: bool,
         seed: int = 0,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = DataConfig.shuffle_buffer,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
@@ -158,13 +160,29 @@ def make_loader(dataset: ShardDataset, *, pin_memory: bool = False) -> torch.uti
     )
 
 
+@contextmanager
+def loader_batches(dataset: ShardDataset, *, pin_memory: bool = False) -> Iterator[Iterator[dict[str, Any]]]:
+    """The DataLoader's batches; its worker processes are stopped on leaving, also when an exception
+    (a worker's included) ends the loop. They ignore SIGTERM (see preemption.ignore_in_worker), so the
+    interpreter's exit could not stop them: it would wait for them forever."""
+    iterator = iter(make_loader(dataset, pin_memory=pin_memory))
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # worker processes only
+        if shutdown is not None:
+            shutdown()
+
+
 def batches(dataset: ShardDataset, position: DataPosition, *, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
     """Endless batches from `position` on, advancing `position` as each batch is handed out. One
-    DataLoader streams epoch after epoch, so its workers are not restarted at each epoch."""
+    DataLoader streams epoch after epoch, so its workers are not restarted at each epoch. Close the
+    generator (or let it end) to stop the workers."""
     dataset.epoch, dataset.start_batch, dataset.endless = position.epoch, position.batch, True
     per_epoch = len(dataset)
-    for batch in make_loader(dataset, pin_memory=pin_memory):
-        position.batch += 1
-        if position.batch == per_epoch:
-            position.epoch, position.batch = position.epoch + 1, 0
-        yield batch
+    with loader_batches(dataset, pin_memory=pin_memory) as stream:
+        for batch in stream:
+            position.batch += 1
+            if position.batch == per_epoch:
+                position.epoch, position.batch = position.epoch + 1, 0
+            yield batch

@@ -14,10 +14,13 @@ columns that share a row's label (other than the row's own partner) are no negat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from contrastive.distributed import gather_no_grad, gather_with_grad, rank
+from contrastive.loss.base import LossSettings, PairLoss, register_loss
 
 # A finite "minus infinity": its exp() is exactly 0 in fp32 after the max is subtracted, and a row
 # whose own target is masked (an invalid row) keeps a finite loss that its zero weight removes.
@@ -141,3 +144,22 @@ def info_nce(
         ce = (plain_cross_entropy(a.float(), all_b, scale, all_valid, targets, label_ids, all_labels)
               + plain_cross_entropy(b.float(), all_a, scale, all_valid, targets, label_ids, all_labels))
     return (ce * valid).sum() / (2 * all_valid.sum().clamp(min=1))
+
+
+@dataclass
+class InfoNCESettings(LossSettings):
+    tile_size: int = 0  # 0: plain [local x global] logits; N: N x N blocks, memory bounded by the tile
+
+
+@register_loss("infonce")
+class InfoNCE(PairLoss):
+    """CLIP's symmetric InfoNCE (`loss=infonce`, the default), plain or tiled."""
+
+    settings = InfoNCESettings
+
+    def __init__(self, settings: InfoNCESettings, temperature):
+        super().__init__(settings, temperature)
+        self.tile_size = settings.tile_size
+
+    def forward(self, a, b, valid, label_ids=None):
+        return info_nce(a, b, valid, self.scale(), label_ids=label_ids, tile_size=self.tile_size)

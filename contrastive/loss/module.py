@@ -1,81 +1,80 @@
-"""The training loss: a weighted sum over modality pairs, each with its own temperature.
+"""The training loss: a weighted sum over modality pairs, one registered pair loss per pair.
 
-    ContrastiveLoss([("image", "text"), ("audio", "text")], kind="infonce", tile_size=1024,
-                    temperature=Temperature(init=0.07), temperatures={"audio-text": Temperature(0.05, False)})
+    ContrastiveLoss(InfoNCESettings(pairs="anchor:image", tile_size=1024,
+                                    temperatures={"audio-image": {"init": 0.05, "learnable": False}}),
+                    ["image", "audio", "text"])
 
-`kind` picks the pair loss: `infonce` (CLIP, plain or tiled) or `siglip` (sigmoid, with a learnable
-bias per pair). A pair's logit scale is exp(param), clamped at its maximum (100 as in CLIP).
+The settings say which loss (`loss=infonce`, `loss=siglip` or a registered one), which pairs, their
+weights and temperatures; each pair's loss module owns its parameters (logit scale, bias).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from contrastive.distributed import all_reduce_sum, world_size
-from contrastive.loss.infonce import info_nce
-from contrastive.loss.pairs import Pair, pair_name
-from contrastive.loss.siglip import sigmoid_loss
+from contrastive.loss.base import LOSSES, LossSettings, PairLoss, Temperature, loss_class
+from contrastive.loss.pairs import pair_name, resolve_pairs
 from contrastive.modalities.base import ConfigError
 
-KINDS = ("infonce", "siglip")
+DEFAULT_LOSS = "infonce"
 
 
-@dataclass(frozen=True)
-class Temperature:
-    init: float = 0.07
-    learnable: bool = True
-    max_logit_scale: float = 100.0
+def loss_settings(settings: LossSettings | Mapping[str, Any]) -> LossSettings:
+    """Typed settings from a mapping (a stored config, a notebook's dict); a key the named loss does not
+    take is a ConfigError naming it."""
+    if isinstance(settings, LossSettings):
+        return settings
+    fields = dict(settings)
+    name = fields.get("name") or DEFAULT_LOSS
+    if name not in LOSSES:
+        raise ConfigError(f"loss.name: unknown loss {name!r}; registered: {sorted(LOSSES)}")
+    cls = LOSSES[name].settings
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"loss.{unknown[0]}: the {name} loss does not take {unknown}; it takes {sorted(known)}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls(name=name)), fields))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"loss.{e.full_key}: {e.msg}") from None
+
+
+def pair_temperature(settings: LossSettings, pair: str) -> Temperature:
+    """The loss's temperature, with the fields `temperatures.<pair>` overrides."""
+    fields = dict(settings.temperatures.get(pair) or {})
+    known = {f.name for f in dataclasses.fields(Temperature)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"loss.temperatures.{pair}: unknown key(s) {unknown}; a temperature takes {sorted(known)}")
+    return dataclasses.replace(settings.temperature, **fields)
 
 
 class ContrastiveLoss(nn.Module):
-    def __init__(
-        self,
-        pairs: Sequence[Pair],
-        *,
-        kind: str = "infonce",
-        temperature: Temperature = Temperature(),
-        temperatures: Mapping[str, Temperature] | None = None,
-        weights: Mapping[str, float] | None = None,
-        tile_size: int = 0,
-        bias_init: float = -10.0,
-        label_aware: bool = False,
-    ):
+    def __init__(self, settings: LossSettings | Mapping[str, Any], modalities: Sequence[str]):
         super().__init__()
-        if kind not in KINDS:
-            raise ConfigError(f"loss.kind: expected one of {KINDS}, got {kind!r}")
-        self.pairs = [tuple(p) for p in pairs]
-        self.kind, self.tile_size, self.label_aware = kind, tile_size, label_aware
+        settings = loss_settings(settings)
+        cls = loss_class(settings)
+        self.settings = settings
+        self.pairs = resolve_pairs(settings.pairs, list(modalities))
         names = [pair_name(p) for p in self.pairs]
-        for key, given in (("weights", weights), ("temperatures", temperatures)):
-            unknown = sorted(set(given or {}) - set(names))
+        for key in ("weights", "temperatures"):
+            unknown = sorted(set(getattr(settings, key)) - set(names))
             if unknown:
                 raise ConfigError(f"loss.{key}: {unknown} are not configured pairs {names}")
-        self.weights = {n: float((weights or {}).get(n, 1.0)) for n in names}
-        self.temperatures = {n: (temperatures or {}).get(n, temperature) for n in names}
-        # Shape [1], not scalars: DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor
-        # cannot be viewed as (open_clip's `nonscalar_logit_scale` exists for the same reason).
-        self.logit_scale = nn.ParameterDict({
-            n: nn.Parameter(torch.tensor([math.log(1.0 / t.init)]), requires_grad=t.learnable)
-            for n, t in self.temperatures.items()
-        })
-        if kind == "siglip":
-            self.logit_bias = nn.ParameterDict({n: nn.Parameter(torch.tensor([float(bias_init)])) for n in names})
+        self.weights = {n: float(settings.weights.get(n, 1.0)) for n in names}
+        self.losses: Mapping[str, PairLoss] = nn.ModuleDict(
+            {n: cls(settings, pair_temperature(settings, n)) for n in names})
 
     def scales(self) -> dict[str, torch.Tensor]:
-        """Each pair's logit scale, exp(param) clamped at its maximum, as a scalar."""
-        return {n: p.exp().clamp(max=self.temperatures[n].max_logit_scale).squeeze(0)
-                for n, p in self.logit_scale.items()}
-
-    def pair_loss(self, name: str, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
-                  label_ids: torch.Tensor | None) -> torch.Tensor:
-        if self.kind == "siglip":
-            return sigmoid_loss(a, b, valid, scale, self.logit_bias[name].squeeze(0), label_ids=label_ids)
-        return info_nce(a, b, valid, scale, label_ids=label_ids, tile_size=self.tile_size)
+        """Each pair's logit scale (clamped at its maximum), as a scalar."""
+        return {n: loss.scale() for n, loss in self.losses.items()}
 
     def forward(
         self,
@@ -85,18 +84,16 @@ class ContrastiveLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss to backpropagate on this rank, metrics). Engines average gradients over ranks, so
         each rank's share is scaled by the world size; the logged pair losses are global."""
-        if self.label_aware and label_ids is None:
+        if self.settings.label_aware and label_ids is None:
             raise ValueError("loss.label_aware needs label ids in the batch")
-        labels = label_ids if self.label_aware else None
-        scales = self.scales()
+        labels = label_ids if self.settings.label_aware else None
         total = 0.0
         logs: dict[str, torch.Tensor] = {}
         for a, b in self.pairs:
             name = pair_name((a, b))
-            local = self.pair_loss(name, embeddings[a], embeddings[b], masks[a] & masks[b], scales[name], labels)
+            loss = self.losses[name]
+            local = loss(embeddings[a], embeddings[b], masks[a] & masks[b], labels)
             total = total + self.weights[name] * local * world_size()
             logs[f"loss/{name}"] = all_reduce_sum(local.detach())
-            logs[f"logit_scale/{name}"] = scales[name].detach()
-            if self.kind == "siglip":
-                logs[f"logit_bias/{name}"] = self.logit_bias[name].detach()
+            logs.update({f"{key}/{name}": value for key, value in loss.logs().items()})
         return total, logs

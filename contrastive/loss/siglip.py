@@ -10,10 +10,14 @@ samples lacking a modality are no negatives, nor (with label ids) same-label col
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from contrastive.distributed import gather_no_grad, gather_with_grad, rank
+from contrastive.loss.base import LossSettings, PairLoss, Temperature, register_loss
 from contrastive.loss.infonce import dead_columns
 
 
@@ -38,3 +42,27 @@ def sigmoid_loss(
     keep = ~dead_columns(all_valid, label_ids, all_labels, targets, 0) & valid[:, None]
     per_pair = -F.logsigmoid(sign * logits) * keep
     return per_pair.sum() / all_valid.sum().clamp(min=1)
+
+
+@dataclass
+class SigLIPSettings(LossSettings):
+    # SigLIP's start: logit scale 10 and bias -10, both learnable per pair
+    temperature: Temperature = field(default_factory=lambda: Temperature(init=0.1))
+    bias_init: float = -10.0
+
+
+@register_loss("siglip")
+class SigLIP(PairLoss):
+    """SigLIP's sigmoid loss (`loss=siglip`), with a learnable logit bias per pair."""
+
+    settings = SigLIPSettings
+
+    def __init__(self, settings: SigLIPSettings, temperature: Temperature):
+        super().__init__(settings, temperature)
+        self.logit_bias = nn.Parameter(torch.tensor([float(settings.bias_init)]))
+
+    def forward(self, a, b, valid, label_ids=None):
+        return sigmoid_loss(a, b, valid, self.scale(), self.logit_bias.squeeze(0), label_ids=label_ids)
+
+    def logs(self):
+        return {**super().logs(), "logit_bias": self.logit_bias.detach()}

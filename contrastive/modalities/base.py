@@ -16,6 +16,7 @@ modality name.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -28,16 +29,21 @@ class ConfigError(ValueError):
     """A configuration value that cannot work, with the key that holds it in the message."""
 
 
-class Modality:
-    """Base class of every modality. Subclasses are dataclasses whose fields are their config."""
+class ModalityError(RuntimeError):
+    """A modality's decode or preprocess fails on every sample it is given: a bug, not bad data."""
+
+
+class Modality(ABC):
+    """Base class of every modality. Subclasses are dataclasses whose fields are their config, and
+    implement the four abstract methods."""
 
     name: ClassVar[str]
     # WebDataset keys (file extensions inside a sample) that hold this modality, in order of preference.
     extensions: ClassVar[tuple[str, ...]]
 
+    @abstractmethod
     def decode(self, data: bytes, extension: str) -> Any:
         """Bytes of one shard member -> a decoded value. Raises on corrupt or unusable input."""
-        raise NotImplementedError
 
     def load(self, item: Any) -> Any:
         """A user's value (a file path, bytes or an already decoded object) -> a decoded value."""
@@ -49,17 +55,17 @@ class Modality:
                 return self.decode(f.read(), path.rsplit(".", 1)[-1].lower())
         return item
 
+    @abstractmethod
     def preprocess(self, value: Any, *, train: bool) -> torch.Tensor:
         """Decoded value -> the model input of one sample (train=True applies augmentation)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def empty(self) -> torch.Tensor:
         """Input for a row that lacks this modality; its embedding is masked out of every loss."""
-        raise NotImplementedError
 
+    @abstractmethod
     def build_encoder(self, embed_dim: int) -> nn.Module:
         """The tower: a batch of inputs -> [batch, embed_dim] (before L2 normalisation)."""
-        raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
         """The fields that rebuild this modality (stored in checkpoints and exports)."""

@@ -24,11 +24,14 @@ from typing import Any
 from contrastive.data.decode import known_extensions
 from contrastive.data.shards import SIZES_FILE
 from contrastive.data.sources import iter_tar_samples
+from contrastive.data_tools.shards import extension_kinds
 from contrastive.modalities import MODALITIES, build_modality
 
 
 def _modalities() -> dict[str, Any]:
-    return {name: build_modality(name) for name in MODALITIES}
+    """The registered modalities that read some extension (of two reading one, the first registered)."""
+    owners = set(extension_kinds().values())
+    return {name: build_modality(name) for name in MODALITIES if name in owners}
 
 
 def _one_thread() -> None:
@@ -157,7 +160,7 @@ def stats(directory: str, *, max_samples: int = 0) -> dict[str, Any]:
     import soundfile
     from PIL import Image
 
-    kinds = {ext: name for name, cls in MODALITIES.items() for ext in cls.extensions}
+    kinds = extension_kinds()
     coverage: Counter = Counter()
     durations, widths, heights, words = [], [], [], []
     labels: Counter = Counter()
@@ -191,7 +194,7 @@ def stats(directory: str, *, max_samples: int = 0) -> dict[str, Any]:
             break
     return {
         "samples": n,
-        "coverage": {k: coverage[k] / max(n, 1) for k in MODALITIES},
+        "coverage": {k: coverage[k] / max(n, 1) for k in _modalities()},
         "audio_seconds": _summary(durations),
         "image_width": _summary(widths),
         "image_height": _summary(heights),

@@ -57,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.time()
     if args.command == "demo":
-        from data_tools.demo import build_demo
+        from contrastive.data_tools.demo import build_demo
 
         counts = build_demo(args.out_dir, seed=args.seed, copies=args.copies, max_images=args.max_images,
                             shard_size=args.shard_size)
         print(f"demo data in {args.out_dir}: " + ", ".join(f"{k} {v} samples" for k, v in counts.items())
               + f" ({time.time() - start:.0f} s)")
     elif args.command == "shards":
-        from data_tools.shards import build_shards
+        from contrastive.data_tools.shards import build_shards
 
         try:
             result = build_shards(args.out_dir, manifest=args.manifest, folder=args.folder, prefix=args.prefix,
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sum(result['sizes'].values())} samples in {len(result['sizes'])} shards in {args.out_dir} "
               f"({time.time() - start:.0f} s)" + (f"; {len(result['skipped'])} files skipped" if result["skipped"] else ""))
     elif args.command == "verify":
-        from data_tools.inspect import format_verify, verify
+        from contrastive.data_tools.inspect import format_verify, verify
 
         report, ok = verify(args.directory, workers=args.workers, max_bad_fraction=args.max_bad_fraction)
         print(format_verify(report, ok))
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         return 0 if ok else 1
     elif args.command == "stats":
-        from data_tools.inspect import format_stats, stats
+        from contrastive.data_tools.inspect import format_stats, stats
 
         result = stats(args.directory, max_samples=args.max_samples)
         print(format_stats(result))

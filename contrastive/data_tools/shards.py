@@ -41,9 +41,12 @@ class Item:
 
 
 def extension_kinds() -> dict[str, str]:
-    """Extension -> modality name, for every registered modality, plus json metadata."""
-    kinds = {ext: name for name, cls in MODALITIES.items() for ext in cls.extensions}
-    kinds["json"] = "json"
+    """Extension -> modality name, for every registered modality, plus json metadata. Where two
+    modalities read one extension (a variant of a built-in one), the first registered names it."""
+    kinds = {"json": "json"}
+    for name, cls in MODALITIES.items():
+        for ext in cls.extensions:
+            kinds.setdefault(ext, name)
     return kinds
 
 

@@ -1,0 +1,22 @@
+"""`data.*`: where the shards are and how the loader reads them (the schema holds every default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class DataConfig:
+    # A dataset directory (.tar shards + sizes.json), a list of them, or [{path: ..., weight: ...}, ...]
+    train: Any = None
+    eval: Optional[str] = None  # held-out dataset directory for evaluation
+    batch_size: int = 64  # per rank
+    eval_batch_size: int = 128
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
+    shuffle_buffer: int = 1000  # samples
+    resampled: bool = False  # draw shards with replacement, datasets mixed by weight, virtual epochs
+    epoch_samples: int = 0  # resampled: samples per virtual epoch, all ranks (0 = the datasets' total)
+    modality_dropout: Dict[str, float] = field(default_factory=dict)  # <modality>: drop probability
+    max_bad_fraction: float = 0.05  # stop when more of the samples read so far were bad
+    bad_check_after: int = 2000  # samples read before the bad fraction is checked
