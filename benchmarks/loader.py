@@ -110,8 +110,13 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     n, secs = bare_read(sources)
-    result = {"data": data, "cpus": os.cpu_count(), "cpu": cpu_name(), "batch_size": args.batch_size,
-              "bare_read": {"samples": n, "seconds": secs, "samples_per_s": n / secs}}
+    result = {
+        "data": data,
+        "cpus": os.cpu_count(),
+        "cpu": cpu_name(),
+        "batch_size": args.batch_size,
+        "bare_read": {"samples": n, "seconds": secs, "samples_per_s": n / secs},
+    }
     print(f"bare read (bytes only):        {n / secs:9.0f} samples/s", flush=True)
     for workers in (1, 2):
         n, secs = pipeline(sources, modalities, args.batch_size, workers)
@@ -123,9 +128,14 @@ def main() -> None:
     bare = result["bare_read"]["samples_per_s"]
     train = result["train_step"]["samples_per_s"]
     result["ratios"] = {
-        f"pipeline_{w}_workers_over_bare_read": result[f"pipeline_{w}_workers"]["samples_per_s"] / bare for w in (1, 2)}
-    result["ratios"].update({
-        f"pipeline_{w}_workers_over_train_step": result[f"pipeline_{w}_workers"]["samples_per_s"] / train for w in (1, 2)})
+        f"pipeline_{w}_workers_over_bare_read": result[f"pipeline_{w}_workers"]["samples_per_s"] / bare for w in (1, 2)
+    }
+    result["ratios"].update(
+        {
+            f"pipeline_{w}_workers_over_train_step": result[f"pipeline_{w}_workers"]["samples_per_s"] / train
+            for w in (1, 2)
+        }
+    )
     print(json.dumps(result))
 
 

@@ -78,8 +78,22 @@ def measure(impl: str, n: int, dim: int, tile: int, device: str, repeats: int) -
 
 
 def run_child(impl: str, n: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--n", str(n), "--dim", str(args.dim), "--tile", str(args.tile),
-           "--device", args.device, "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--n",
+        str(n),
+        "--dim",
+        str(args.dim),
+        "--tile",
+        str(args.tile),
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -110,12 +124,18 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.n, args.dim, args.tile, args.device, args.repeats)))
         return
 
-    gib = 1024 ** 3
+    gib = 1024**3
     budget = 0.8 * available_bytes(args.device)
     from contrastive.flops import cpu_name
 
-    results: dict = {"device": args.device, "cpu": cpu_name(), "dim": args.dim, "tile": args.tile,
-                     "threads": os.cpu_count(), "sizes": {}}
+    results: dict = {
+        "device": args.device,
+        "cpu": cpu_name(),
+        "dim": args.dim,
+        "tile": args.tile,
+        "threads": os.cpu_count(),
+        "sizes": {},
+    }
     last_clip = None  # (n, peak) of open_clip's largest run, for extrapolation
     print(f"{'batch':>7} {'impl':<11} {'peak MiB':>10} {'seconds':>9}  note")
     for n in args.sizes:
@@ -125,7 +145,10 @@ def main() -> None:
             if impl == "open_clip" and last_clip and last_clip[1] * (n / last_clip[0]) ** 2 > budget:
                 est = last_clip[1] * (n / last_clip[0]) ** 2
                 row[impl] = {"peak_bytes": est, "seconds": None, "extrapolated": True}
-                note = f"not run: needs ~{est / gib:.1f} GiB (N^2 from batch {last_clip[0]}), {budget / gib:.1f} GiB usable"
+                note = (
+                    f"not run: needs ~{est / gib:.1f} GiB (N^2 from batch {last_clip[0]}), "
+                    f"{budget / gib:.1f} GiB usable"
+                )
             else:
                 row[impl] = run_child(impl, n, args)
                 if impl == "open_clip" and "error" not in row[impl]:

@@ -1,9 +1,9 @@
 """contrastive: CLIP/ImageBind-style contrastive pretraining of image, audio, text and more.
 
-    import contrastive
-    model = contrastive.load_pretrained("runs/.../export")
-    text = model.embed("text", ["the digit seven"])
-    audio = model.embed("audio", ["seven.flac"])
+import contrastive
+model = contrastive.load_pretrained("runs/.../export")
+text = model.embed("text", ["the digit seven"])
+audio = model.embed("audio", ["seven.flac"])
 """
 
 __version__ = "0.1.0"

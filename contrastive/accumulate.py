@@ -61,15 +61,14 @@ def cached_accumulation(
     # 2. the loss of them all at once; gradients w.r.t. the embeddings and the loss's parameters
     features = {n: torch.cat([c[n] for c in cached]).requires_grad_() for n in names}
     masks = {n: torch.cat([b["mask"][n] for b in micro_batches]) for n in names}
-    labels = (torch.cat([b["label_id"] for b in micro_batches])
-              if all("label_id" in b for b in micro_batches) else None)
+    labels = torch.cat([b["label_id"] for b in micro_batches]) if all("label_id" in b for b in micro_batches) else None
     loss, logs = loss_fn(features, masks, labels)
     if not proceed(loss, logs):
         return loss.detach(), logs
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [features[n] for n in names] + loss_params, allow_unused=True)
     feature_grads = dict(zip(names, grads[: len(names)]))
-    param_grads = grads[len(names):]
+    param_grads = grads[len(names) :]
     # 3. replay each micro-batch with a graph and push its slice of the gradient into the towers
     start = 0
     resume_state = _rng_state()
@@ -79,8 +78,11 @@ def cached_accumulation(
         with replay_context(index):
             with autocast():
                 out = embed(batch)
-            surrogate = sum((out[n].float() * feature_grads[n][start:start + rows]).sum()
-                            for n in names if feature_grads[n] is not None)
+            surrogate = sum(
+                (out[n].float() * feature_grads[n][start : start + rows]).sum()
+                for n in names
+                if feature_grads[n] is not None
+            )
             if index == len(micro_batches) - 1:
                 surrogate = surrogate + sum((p * g).sum() for p, g in zip(loss_params, param_grads) if g is not None)
             backward(surrogate)

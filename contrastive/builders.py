@@ -32,8 +32,9 @@ def import_modules(names: Sequence[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise ConfigError(f"imports: cannot import {name!r} ({e}); it is looked for in the working "
-                              "directory and on PYTHONPATH") from e
+            raise ConfigError(
+                f"imports: cannot import {name!r} ({e}); it is looked for in the working directory and on PYTHONPATH"
+            ) from e
 
 
 def build_modalities(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Modality]:
@@ -48,14 +49,17 @@ def build_modalities(names: Sequence[str], settings: Mapping[str, Mapping[str, A
     return {n: build_modality(n, **dict(settings.get(n) or {})) for n in names}
 
 
-def build_loss(modality_names: Sequence[str], settings: LossSettings | Mapping[str, Any] | None = None) -> ContrastiveLoss:
+def build_loss(
+    modality_names: Sequence[str], settings: LossSettings | Mapping[str, Any] | None = None
+) -> ContrastiveLoss:
     """The loss `settings` describe (a registered loss's settings, or a mapping of them with its
     `name`; InfoNCE over all pairs when none) over `modality_names`."""
     return ContrastiveLoss(settings if settings is not None else InfoNCESettings(), modality_names)
 
 
-def build_objective(modalities: Mapping[str, Modality], *, embed_dim: int,
-                    loss: ContrastiveLoss | None = None) -> ContrastiveObjective:
+def build_objective(
+    modalities: Mapping[str, Modality], *, embed_dim: int, loss: ContrastiveLoss | None = None
+) -> ContrastiveObjective:
     """The towers of `modalities` and the loss (InfoNCE over all pairs unless given)."""
     return ContrastiveObjective(ContrastiveModel(modalities, embed_dim), loss or build_loss(list(modalities)))
 
@@ -94,13 +98,36 @@ def build_dataset(
     sources = load_sources(spec)
     batch_size = settings.batch_size if train else settings.eval_batch_size
     if check:
-        preflight(sources, modalities, world_size=world_size, num_workers=settings.num_workers, batch_size=batch_size,
-                  what="data.train" if train else "data.eval")
+        preflight(
+            sources,
+            modalities,
+            world_size=world_size,
+            num_workers=settings.num_workers,
+            batch_size=batch_size,
+            what="data.train" if train else "data.eval",
+        )
     if not train:
-        return ShardDataset(sources, modalities, batch_size=batch_size, train=False, seed=seed, rank=rank,
-                            world_size=world_size, num_workers=settings.num_workers)
+        return ShardDataset(
+            sources,
+            modalities,
+            batch_size=batch_size,
+            train=False,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=settings.num_workers,
+        )
     return ShardDataset(
-        sources, modalities, batch_size=batch_size, train=True, seed=seed, shuffle_buffer=settings.shuffle_buffer,
-        rank=rank, world_size=world_size, num_workers=settings.num_workers, resampled=settings.resampled,
-        epoch_samples=settings.epoch_samples, modality_dropout=settings.modality_dropout,
+        sources,
+        modalities,
+        batch_size=batch_size,
+        train=True,
+        seed=seed,
+        shuffle_buffer=settings.shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        num_workers=settings.num_workers,
+        resampled=settings.resampled,
+        epoch_samples=settings.epoch_samples,
+        modality_dropout=settings.modality_dropout,
     )

@@ -59,8 +59,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, engine: Any, *, meta: dict[str, Any],
-                    rank_state: dict[str, Any], keep_last: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    engine: Any,
+    *,
+    meta: dict[str, Any],
+    rank_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
     """Collective: every rank calls it. `meta` (JSON) is rank 0's record of the run's state;
     `rank_state` is this rank's own (RNG states)."""
     root = checkpoint_root(run_dir)
@@ -116,8 +123,10 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | Non
     found = latest_checkpoint(path)
     if found is not None:
         return found
-    raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (a checkpoint directory holds {MARKER},"
-                            " a run directory a checkpoints/latest pointer)")
+    raise FileNotFoundError(
+        f"resume={resume!r}: no complete checkpoint there (a checkpoint directory holds {MARKER},"
+        " a run directory a checkpoints/latest pointer)"
+    )
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

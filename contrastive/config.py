@@ -66,8 +66,10 @@ def validate(cfg: Any) -> None:
             known = {f.name for f in dataclasses.fields(kind)}
             unknown = [k for k in node.keys() if k not in known]
             if unknown:
-                raise ConfigError(f"{path}{unknown[0]}: no such key; {path.rstrip('.') or 'the config'} "
-                                  f"({kind.__name__}) takes {sorted(known)}")
+                raise ConfigError(
+                    f"{path}{unknown[0]}: no such key; {path.rstrip('.') or 'the config'} "
+                    f"({kind.__name__}) takes {sorted(known)}"
+                )
         for key in node.keys():
             if key != "hydra":
                 walk(node._get_node(key), f"{path}{key}.")

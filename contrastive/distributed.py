@@ -51,8 +51,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     if world_size == 1 and not dist.is_initialized():
         # A group of one, so that the training engine (DeepSpeed) runs the same code path alone.
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(),
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",

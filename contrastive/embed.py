@@ -42,8 +42,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def embed_shard(model: ContrastiveModel, shard: Shard, out_dir: Path, *, modalities: Sequence[str],
-                batch_size: int = 256) -> Counter:
+def embed_shard(
+    model: ContrastiveModel, shard: Shard, out_dir: Path, *, modalities: Sequence[str], batch_size: int = 256
+) -> Counter:
     """Embeds every sample of `shard`; writes its files, the `.done` marker last."""
     device = next(model.parameters()).device
     decoder = BatchDecoder({m: model.modalities[m] for m in modalities}, train=False)
@@ -68,28 +69,52 @@ def embed_shard(model: ContrastiveModel, shard: Shard, out_dir: Path, *, modalit
     for m in modalities:
         array = np.concatenate(emb[m]) if emb[m] else np.zeros((0, model.embed_dim), np.float32)
         _save_npy(out_dir / f"{stem}.{m}.npy", array)
-    meta = {"shard": shard.name, "keys": keys, "labels": labels,
-            "counts": {k: v for k, v in counts.items() if not k.startswith("bad_in_shard/")}}
+    meta = {
+        "shard": shard.name,
+        "keys": keys,
+        "labels": labels,
+        "counts": {k: v for k, v in counts.items() if not k.startswith("bad_in_shard/")},
+    }
     (out_dir / f"{stem}.meta.json").write_text(json.dumps(meta) + "\n")
     (out_dir / f"{stem}.done").write_text("")
     return counts
 
 
-def embed_shards(model: ContrastiveModel, shards: Sequence[Shard], out_dir: str | os.PathLike, *,
-                 modalities: Sequence[str], batch_size: int = 256, rank: int = 0, world_size: int = 1) -> dict[str, int]:
+def embed_shards(
+    model: ContrastiveModel,
+    shards: Sequence[Shard],
+    out_dir: str | os.PathLike,
+    *,
+    modalities: Sequence[str],
+    batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, int]:
     """This rank's shards, skipping those already finished. Returns {"embedded": n, "skipped": m}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mine = [s for i, s in enumerate(shards) if i % world_size == rank]
     todo = [s for s in mine if not (out / f"{_stem(s)}.done").exists()]
     if len(todo) < len(mine):
-        log.info("rank %d: %d of its %d shards are finished already; embedding the other %d", rank,
-                 len(mine) - len(todo), len(mine), len(todo))
+        log.info(
+            "rank %d: %d of its %d shards are finished already; embedding the other %d",
+            rank,
+            len(mine) - len(todo),
+            len(mine),
+            len(todo),
+        )
     for shard in todo:
         counts = embed_shard(model, shard, out, modalities=modalities, batch_size=batch_size)
-        log.info("embedded %s: %s", shard.name, ", ".join(f"{m} {counts.get(f'present/{m}', 0)}" for m in modalities)
-                 + (f"; bad input skipped: {dict((k, v) for k, v in counts.items() if k.startswith('bad/'))}"
-                    if any(k.startswith("bad/") for k in counts) else ""))
+        log.info(
+            "embedded %s: %s",
+            shard.name,
+            ", ".join(f"{m} {counts.get(f'present/{m}', 0)}" for m in modalities)
+            + (
+                f"; bad input skipped: {dict((k, v) for k, v in counts.items() if k.startswith('bad/'))}"
+                if any(k.startswith("bad/") for k in counts)
+                else ""
+            ),
+        )
     return {"embedded": len(todo), "skipped": len(mine) - len(todo)}
 
 

@@ -58,8 +58,14 @@ def attention_backends(choice: str, device_type: str, precision: str) -> list | 
         return None
     from torch.nn.attention import SDPBackend
 
-    return [{"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[choice]]
+    return [
+        {
+            "math": SDPBackend.MATH,
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+        }[choice]
+    ]
 
 
 def _quiet_deepspeed() -> None:
@@ -67,7 +73,9 @@ def _quiet_deepspeed() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen anyway; said, it skips a warning
     logging.getLogger("compilers.C.base").setLevel(logging.WARNING)  # DeepSpeed's probe for libaio
     # DeepSpeed 0.19 still calls collectives that torch 2.13 renamed; the old names work.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning
+    )
     import deepspeed.ops
 
     # On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at the first init (~30 s, needs
@@ -111,7 +119,11 @@ def deepspeed_config(
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         cfg["zero_force_ds_cpu_optimizer"] = False
     if user_config:
-        extra = json.loads(Path(user_config).read_text()) if isinstance(user_config, (str, os.PathLike)) else dict(user_config)
+        extra = (
+            json.loads(Path(user_config).read_text())
+            if isinstance(user_config, (str, os.PathLike))
+            else dict(user_config)
+        )
         cfg = _merge(cfg, extra)
     return cfg
 
@@ -146,7 +158,9 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         if isinstance(v, torch.Tensor):
             out[k] = v.to(device, non_blocking=True)
         elif isinstance(v, dict):
-            out[k] = {kk: vv.to(device, non_blocking=True) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+            out[k] = {
+                kk: vv.to(device, non_blocking=True) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()
+            }
         else:
             out[k] = v
     return out
@@ -162,16 +176,29 @@ def _merge(base: dict, extra: Mapping) -> dict:
 class Engine:
     """A DeepSpeed engine around the objective (model + loss)."""
 
-    def __init__(self, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 config: dict[str, Any], attention: str = "auto"):
+    def __init__(
+        self,
+        objective: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        config: dict[str, Any],
+        attention: str = "auto",
+    ):
         _quiet_deepspeed()
         import deepspeed
 
         self.config = config
         self.device = next(objective.parameters()).device
         device = self.device.type
-        precision = ("bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"]
-                     else "amp_bf16" if config.get("torch_autocast", {}).get("enabled") else "fp32")
+        precision = (
+            "bf16"
+            if config["bf16"]["enabled"]
+            else "fp16"
+            if config["fp16"]["enabled"]
+            else "amp_bf16"
+            if config.get("torch_autocast", {}).get("enabled")
+            else "fp32"
+        )
         self._backends = attention_backends(attention, device, precision)
         self.objective = objective
         self._norm: float | None = None
@@ -181,8 +208,14 @@ class Engine:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             group = optimizer.param_groups[0]
-            optimizer = DeepSpeedCPUAdam(optimizer.param_groups, lr=group["lr"], betas=group["betas"],
-                                         eps=group["eps"], weight_decay=group["weight_decay"], adamw_mode=True)
+            optimizer = DeepSpeedCPUAdam(
+                optimizer.param_groups,
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                adamw_mode=True,
+            )
             if scheduler is not None:
                 scheduler.optimizer = optimizer
         # At stage 0 we clip ourselves (one norm pass, which also decides whether the step is
@@ -193,7 +226,10 @@ class Engine:
             config = {**config, "gradient_clipping": 0.0}
         with _no_optimizer_step(optimizer):
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                model=objective,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=config,
                 dist_init_required=False,
             )
         if self.engine.dp_world_size == 1 and self.zero_stage == 0:
@@ -219,12 +255,18 @@ class Engine:
                 self.backward(loss)
                 applied.append(self.step())
         else:
+
             def backward(surrogate: torch.Tensor) -> None:
                 self.backward(surrogate)
                 applied.append(self.step())
 
-            loss, logs = cached_accumulation(lambda b: self(b, embed_only=True), self.objective.loss, micro,
-                                             backward=backward, proceed=lambda loss, logs: _finite(logs))
+            loss, logs = cached_accumulation(
+                lambda b: self(b, embed_only=True),
+                self.objective.loss,
+                micro,
+                backward=backward,
+                proceed=lambda loss, logs: _finite(logs),
+            )
             finite = _finite(logs)
         return logs, finite, finite and all(applied)
 
@@ -275,8 +317,9 @@ class Engine:
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> dict[str, Any]:
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                                          load_lr_scheduler_states=True)
+        path, client_state = self.engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {directory}")
         return client_state or {}
@@ -287,8 +330,11 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torc
     whatever its ZeRO stage (stages 1-3: gathered from the partitions by DeepSpeed's zero_to_fp32)."""
     ckpt = Path(checkpoint_dir)
     # ZeRO-3 names its model states per partition; rank 0's holds the config and the module skeleton.
-    states = next(p for p in (ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-                  if p.exists())
+    states = next(
+        p
+        for p in (ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        if p.exists()
+    )
     model_states = torch.load(states, map_location="cpu", weights_only=False)
     stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage >= 1 and any(ckpt.glob("*optim_states.pt")):

@@ -36,8 +36,9 @@ class EvalConfig:
 
 
 @torch.no_grad()
-def embed_dataset(model: ContrastiveModel, dataset: ShardDataset, *, device: torch.device,
-                  max_samples: int = 0, autocast: Any = None) -> dict[str, Any]:
+def embed_dataset(
+    model: ContrastiveModel, dataset: ShardDataset, *, device: torch.device, max_samples: int = 0, autocast: Any = None
+) -> dict[str, Any]:
     """Embeddings of every sample of `dataset` (all ranks' shares): per modality [N, D] and mask [N],
     plus keys and labels. Padding rows are dropped."""
     was_training = model.training
@@ -93,8 +94,9 @@ def _gather_list(items: list[Any]) -> list[Any]:
     return [x for part in parts for x in part]
 
 
-def retrieval_metrics(a: torch.Tensor, b: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
-                      labels: Sequence[Any] | None = None) -> dict[str, float]:
+def retrieval_metrics(
+    a: torch.Tensor, b: torch.Tensor, ks: Sequence[int] = (1, 5, 10), labels: Sequence[Any] | None = None
+) -> dict[str, float]:
     """a[i] and b[i] belong together. -> R@k and median rank of a->b (1-based ranks).
 
     Ties (identical embeddings, e.g. repeated captions) are broken at random in expectation: with g
@@ -113,8 +115,9 @@ def retrieval_metrics(a: torch.Tensor, b: torch.Tensor, ks: Sequence[int] = (1, 
     return out
 
 
-def zero_shot_accuracy(emb: torch.Tensor, labels: Sequence[str], class_emb: torch.Tensor,
-                       class_names: Sequence[str]) -> float:
+def zero_shot_accuracy(
+    emb: torch.Tensor, labels: Sequence[str], class_emb: torch.Tensor, class_names: Sequence[str]
+) -> float:
     index = {c: i for i, c in enumerate(class_names)}
     target = torch.tensor([index[lab] for lab in labels])
     pred = (emb @ class_emb.T).argmax(dim=1)
@@ -122,8 +125,9 @@ def zero_shot_accuracy(emb: torch.Tensor, labels: Sequence[str], class_emb: torc
 
 
 @torch.no_grad()
-def class_embeddings(model: ContrastiveModel, text_modality: str, class_names: Sequence[str],
-                     prompts: Sequence[str]) -> torch.Tensor:
+def class_embeddings(
+    model: ContrastiveModel, text_modality: str, class_names: Sequence[str], prompts: Sequence[str]
+) -> torch.Tensor:
     """One unit vector per class: the normalised mean of its prompts' embeddings."""
     out = []
     for name in class_names:
@@ -132,8 +136,9 @@ def class_embeddings(model: ContrastiveModel, text_modality: str, class_names: S
     return torch.stack(out)
 
 
-def compute_metrics(model: ContrastiveModel, embedded: dict[str, Any], *, prompts: Sequence[str],
-                    text_modality: str = "text") -> dict[str, float]:
+def compute_metrics(
+    model: ContrastiveModel, embedded: dict[str, Any], *, prompts: Sequence[str], text_modality: str = "text"
+) -> dict[str, float]:
     """Zero-shot accuracy of every other modality against `text_modality`, and retrieval of every pair."""
     emb, mask, labels = embedded["embeddings"], embedded["mask"], embedded["labels"]
     metrics: dict[str, float] = {}
@@ -147,7 +152,8 @@ def compute_metrics(model: ContrastiveModel, embedded: dict[str, Any], *, prompt
             rows = [i for i, lab in enumerate(labels) if lab is not None and bool(mask[name][i])]
             if rows:
                 metrics[f"zero_shot/{name}->{text_modality}/acc"] = zero_shot_accuracy(
-                    emb[name][rows], [labels[i] for i in rows], class_emb, class_names)
+                    emb[name][rows], [labels[i] for i in rows], class_emb, class_names
+                )
     for a, b in itertools.combinations(list(emb), 2):
         both = mask[a] & mask[b]
         n = int(both.sum())
@@ -181,5 +187,7 @@ def format_table(metrics: dict[str, float]) -> str:
             r = [metrics[f"retrieval/{p}/{k}"] for k in ("R@1", "R@5", "R@10", "median_rank")]
             label = metrics.get(f"retrieval/{p}/label_R@1")
             label = f"{label:6.1%}" if label is not None else "     -"
-            lines.append(f"  {p:<22} {r[0]:6.1%} {r[1]:6.1%} {r[2]:6.1%}  {r[3]:8.1f}     {label}  {n:5d}  ({1 / max(n, 1):.2%})")
+            lines.append(
+                f"  {p:<22} {r[0]:6.1%} {r[1]:6.1%} {r[2]:6.1%}  {r[3]:8.1f}     {label}  {n:5d}  ({1 / max(n, 1):.2%})"
+            )
     return "\n".join(lines)

@@ -1,11 +1,11 @@
 """Exported models: a self-contained directory that `load_pretrained` turns back into a model.
 
-    export/
-      model.safetensors   the towers' weights (fp32)
-      config.json         embed dim, every modality's fields (preprocessing included), temperatures,
-                          the tokenizer reference
-      README.md           a model card: modalities, data, steps, metrics
-      open_clip/          the image and text towers in open_clip's format (when both are trained)
+export/
+  model.safetensors   the towers' weights (fp32)
+  config.json         embed dim, every modality's fields (preprocessing included), temperatures,
+                      the tokenizer reference
+  README.md           a model card: modalities, data, steps, metrics
+  open_clip/          the image and text towers in open_clip's format (when both are trained)
 """
 
 from __future__ import annotations
@@ -55,36 +55,47 @@ def export_model(
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     (out / "README.md").write_text(model_card(config))
     if {"image", "text"} <= set(model.modalities):
-        export_open_clip(model, state, out / "open_clip",
-                         logit_scale=dict(logit_scales or {}).get("image-text", 1 / 0.07))
+        export_open_clip(
+            model, state, out / "open_clip", logit_scale=dict(logit_scales or {}).get("image-text", 1 / 0.07)
+        )
     return out
 
 
 OPEN_CLIP_NAME = "contrastive-image-text"
 
 
-def export_open_clip(model: ContrastiveModel, state: Mapping[str, torch.Tensor], out_dir: Path, *,
-                     logit_scale: float) -> Path:
+def export_open_clip(
+    model: ContrastiveModel, state: Mapping[str, torch.Tensor], out_dir: Path, *, logit_scale: float
+) -> Path:
     """The image and text towers in open_clip's own format, loadable by open_clip alone:
 
-        open_clip.create_model_and_transforms("local-dir:<out_dir>")
-        open_clip.add_model_config("<out_dir>/contrastive-image-text.json")
-        open_clip.create_model_and_transforms("contrastive-image-text", pretrained="<out_dir>/open_clip_model.safetensors")
+    open_clip.create_model_and_transforms("local-dir:<out_dir>")
+    open_clip.add_model_config("<out_dir>/contrastive-image-text.json")
+    open_clip.create_model_and_transforms("contrastive-image-text", pretrained="<out_dir>/open_clip_model.safetensors")
     """
     image, text = model.modalities["image"], model.modalities["text"]
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {}
     for name, modality in (("image", image), ("text", text)):
         prefix = f"encoders.{name}."
-        weights.update(modality.to_open_clip({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}))
+        weights.update(modality.to_open_clip({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}))
     weights["logit_scale"] = torch.tensor(math.log(logit_scale))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "open_clip_model.safetensors"))
-    model_cfg = {"embed_dim": model.embed_dim, "vision_cfg": dict(image.open_clip_vision_cfg),
-                 "text_cfg": dict(text.open_clip_text_cfg)}
-    preprocess = {"size": image.image_size, "mean": list(image.mean), "std": list(image.std),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    model_cfg = {
+        "embed_dim": model.embed_dim,
+        "vision_cfg": dict(image.open_clip_vision_cfg),
+        "text_cfg": dict(text.open_clip_text_cfg),
+    }
+    preprocess = {
+        "size": image.image_size,
+        "mean": list(image.mean),
+        "std": list(image.std),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     (out_dir / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n"
+    )
     (out_dir / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
     return out_dir
 
@@ -93,9 +104,12 @@ def _tokenizer_reference(model: ContrastiveModel) -> dict[str, Any]:
     refs = {}
     for name, modality in model.modalities.items():
         if hasattr(modality, "tokenizer"):
-            refs[name] = {"library": "open_clip", "class": "open_clip.tokenizer.SimpleTokenizer",
-                          "vocabulary": "bpe_simple_vocab_16e6 (bundled with open_clip)",
-                          "context_length": getattr(modality, "context_length", None)}
+            refs[name] = {
+                "library": "open_clip",
+                "class": "open_clip.tokenizer.SimpleTokenizer",
+                "vocabulary": "bpe_simple_vocab_16e6 (bundled with open_clip)",
+                "context_length": getattr(modality, "context_length", None),
+            }
     return refs
 
 
@@ -134,14 +148,26 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     objective, meta = objective_from_checkpoint(checkpoint)
     cfg, state = meta["config"], meta["state"]
     layout = meta.get("data_layout", {})
-    info = {"steps": meta["step"], "train_data": cfg["data"]["train"], "eval_data": cfg["data"]["eval"],
-            "global_batch_size": cfg["data"]["batch_size"] * layout.get("world_size", 1) * cfg["trainer"]["accumulate"],
-            "epochs_seen": state["position"]["epoch"], "samples_seen": state["counts"].get("samples", 0),
-            "zero_stage": cfg["engine"]["zero_stage"], "precision": cfg["trainer"]["precision"]}
+    info = {
+        "steps": meta["step"],
+        "train_data": cfg["data"]["train"],
+        "eval_data": cfg["data"]["eval"],
+        "global_batch_size": cfg["data"]["batch_size"] * layout.get("world_size", 1) * cfg["trainer"]["accumulate"],
+        "epochs_seen": state["position"]["epoch"],
+        "samples_seen": state["counts"].get("samples", 0),
+        "zero_stage": cfg["engine"]["zero_stage"],
+        "precision": cfg["trainer"]["precision"],
+    }
     with torch.no_grad():
         scales = {name: float(scale) for name, scale in objective.loss.scales().items()}
-    return export_model(objective.model, out_dir, logit_scales=scales, info=info, prompts=list(cfg["eval"]["prompts"]),
-                        metrics={k.removeprefix("eval/"): v for k, v in meta.get("metrics", {}).items()})
+    return export_model(
+        objective.model,
+        out_dir,
+        logit_scales=scales,
+        info=info,
+        prompts=list(cfg["eval"]["prompts"]),
+        metrics={k.removeprefix("eval/"): v for k, v in meta.get("metrics", {}).items()},
+    )
 
 
 def model_card(config: Mapping[str, Any]) -> str:
@@ -155,7 +181,7 @@ def model_card(config: Mapping[str, Any]) -> str:
         "```python",
         "import contrastive",
         f"model = contrastive.load_pretrained({'.'!r})",
-        "emb = model.embed(\"text\", [\"the digit seven\"])",
+        'emb = model.embed("text", ["the digit seven"])',
         "```",
         "",
         "## Modalities",

@@ -22,8 +22,15 @@ from contrastive.model import ContrastiveModel
 log = logging.getLogger(__name__)
 
 # Dense tensor-core TFLOP/s: (bf16/fp16, tf32)
-GPU_PEAKS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
-             "A10": (125.0, 62.5), "L4": (121.0, 60.0), "V100": (125.0, 15.7)}
+GPU_PEAKS = {
+    "H200": (989.0, 494.0),
+    "H100": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+    "L40S": (362.0, 183.0),
+    "A10": (125.0, 62.5),
+    "L4": (121.0, 60.0),
+    "V100": (125.0, 15.7),
+}
 
 
 def training_flops_per_sample(model: ContrastiveModel) -> dict[str, float]:
@@ -69,9 +76,15 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.
     half, full = measured_cpu_peak(dtype=torch.bfloat16), measured_cpu_peak()
     if half >= full:
         return half, f"measured CPU bf16 matmul, {half / full:.2g}x fp32's"
-    log.warning("trainer.precision=%s: on this CPU (%s) bf16 matmuls run at %.2gx the speed of fp32 ones "
-                "(%.3g against %.3g GFLOP/s), so trainer.precision=fp32 trains faster here",
-                precision, cpu_name(), half / full, half / 1e9, full / 1e9)
+    log.warning(
+        "trainer.precision=%s: on this CPU (%s) bf16 matmuls run at %.2gx the speed of fp32 ones "
+        "(%.3g against %.3g GFLOP/s), so trainer.precision=fp32 trains faster here",
+        precision,
+        cpu_name(),
+        half / full,
+        half / 1e9,
+        full / 1e9,
+    )
     # the MFU is against what this CPU can do: fp32's figure
     return full, f"measured CPU fp32 matmul; bf16 ran at {half / full:.2g}x that"
 

@@ -44,7 +44,14 @@ def render_sbatch(launcher: LauncherConfig, *, run_dir: Path, script: Path, pyth
         optional.append(f"#SBATCH --account={launcher.account}")
     optional += [f"#SBATCH {option}" for option in launcher.sbatch]
     return TEMPLATE.read_text().format(
-        script=script, job_name=launcher.job_name, nodes=launcher.nodes, tasks_per_node=launcher.tasks_per_node,
-        time=launcher.time, run_dir=shlex.quote(str(run_dir)), signal_seconds=launcher.signal_seconds,
-        optional_lines="\n".join(optional), setup="\n".join(launcher.setup), python=shlex.quote(python),
+        script=script,
+        job_name=launcher.job_name,
+        nodes=launcher.nodes,
+        tasks_per_node=launcher.tasks_per_node,
+        time=launcher.time,
+        run_dir=shlex.quote(str(run_dir)),
+        signal_seconds=launcher.signal_seconds,
+        optional_lines="\n".join(optional),
+        setup="\n".join(launcher.setup),
+        python=shlex.quote(python),
     )

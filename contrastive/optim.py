@@ -26,8 +26,9 @@ class OptimConfig:
     no_decay: List[str] = field(default_factory=lambda: list(NO_DECAY_NAMES))
 
 
-def param_groups(module: nn.Module, weight_decay: float,
-                 no_decay_names: Sequence[str] = NO_DECAY_NAMES) -> list[dict[str, Any]]:
+def param_groups(
+    module: nn.Module, weight_decay: float, no_decay_names: Sequence[str] = NO_DECAY_NAMES
+) -> list[dict[str, Any]]:
     """Two groups: decayed weight matrices; and biases, norms (every tensor of fewer than 2 dims)
     and the parameters named in `no_decay_names` (embeddings, temperatures) without decay."""
     decay, no_decay = [], []
@@ -56,4 +57,3 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-

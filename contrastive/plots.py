@@ -17,7 +17,7 @@ def _series(rows: Sequence[dict[str, Any]], prefix: str, suffix: str = "") -> di
     for row in rows:
         for key, value in row.items():
             if key.startswith(prefix) and key.endswith(suffix) and isinstance(value, (int, float)):
-                steps, values = out.setdefault(key[len(prefix): len(key) - len(suffix) or None], ([], []))
+                steps, values = out.setdefault(key[len(prefix) : len(key) - len(suffix) or None], ([], []))
                 steps.append(row["step"])
                 values.append(value)
     return out
@@ -56,8 +56,9 @@ def plot_recall(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_similarity(a: torch.Tensor, b: torch.Tensor, labels: Sequence[Any], names: tuple[str, str],
-                    path: Path, n: int = 24) -> None:
+def plot_similarity(
+    a: torch.Tensor, b: torch.Tensor, labels: Sequence[Any], names: tuple[str, str], path: Path, n: int = 24
+) -> None:
     """Cosine similarities of the first `n` samples holding both modalities; the diagonal is each
     sample's own partner."""
     a, b, labels = a[:n], b[:n], list(labels)[:n]
@@ -86,11 +87,16 @@ def write_plots(run_dir: Path, rows: Sequence[dict[str, Any]], embedded: dict[st
     if embedded:
         names = list(embedded["embeddings"])
         for i, x in enumerate(names):
-            for y in names[i + 1:]:
+            for y in names[i + 1 :]:
                 both = embedded["mask"][x] & embedded["mask"][y]
                 if int(both.sum()) >= 2:
                     rows_both = both.nonzero().flatten().tolist()
-                    plot_similarity(embedded["embeddings"][x][both], embedded["embeddings"][y][both],
-                                    [embedded["labels"][j] for j in rows_both], (x, y), run_dir / "similarity.png")
+                    plot_similarity(
+                        embedded["embeddings"][x][both],
+                        embedded["embeddings"][y][both],
+                        [embedded["labels"][j] for j in rows_both],
+                        (x, y),
+                        run_dir / "similarity.png",
+                    )
                     return written + [run_dir / "similarity.png"]
     return written

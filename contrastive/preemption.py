@@ -30,8 +30,9 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
-            log.warning("received %s: finishing this step, then checkpointing and stopping",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: finishing this step, then checkpointing and stopping", signal.Signals(signum).name
+            )
         self.signal = self.signal or signum
 
     def requested(self) -> bool:
@@ -47,7 +48,11 @@ class StopRequest:
         """After a SIGUSR1 (time limit ahead) inside a SLURM job, rank 0 requeues the job; it then
         starts again in the same run directory and resumes from `latest` by itself."""
         job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
+        job = (
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            if job
+            else os.environ.get("SLURM_JOB_ID")
+        )
         if self.signal != signal.SIGUSR1 or not job:
             return False
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -28,8 +28,18 @@ class Progress:
     """Throughput over the steps since the last report, MFU, ETA; the bar (with `bar`, on a terminal)
     or else the log line. Only the main rank shows either."""
 
-    def __init__(self, *, start_step: int, total_steps: int, world_size: int, flops_per_sample: float = 0.0,
-                 peak_flops: float = 0.0, bar: bool = True, enabled: bool = True, terminal: bool | None = None):
+    def __init__(
+        self,
+        *,
+        start_step: int,
+        total_steps: int,
+        world_size: int,
+        flops_per_sample: float = 0.0,
+        peak_flops: float = 0.0,
+        bar: bool = True,
+        enabled: bool = True,
+        terminal: bool | None = None,
+    ):
         self.total, self.world_size = total_steps, world_size
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         terminal = sys.stdout.isatty() if terminal is None else terminal
@@ -50,8 +60,12 @@ class Progress:
         if self.bar is not None:
             figures = self.figures()
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{figures['samples_per_s']:.0f}",
-                                 data_wait=f"{figures['data_wait_frac']:.0%}", mfu=f"{figures['mfu']:.1%}")
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}",
+                samples_s=f"{figures['samples_per_s']:.0f}",
+                data_wait=f"{figures['data_wait_frac']:.0%}",
+                mfu=f"{figures['mfu']:.1%}",
+            )
 
     def figures(self) -> dict[str, float]:
         sps = self.samples / max(self.time, 1e-9)
@@ -68,10 +82,21 @@ class Progress:
         if self.lines:
             pairs = ", ".join(f"{k.removeprefix('loss/')} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
             mfu = f"MFU {figures['mfu']:.1%}" if figures["mfu"] == figures["mfu"] else "MFU -"
-            log.info("step %d/%d (%.0f%%) | epoch %d | loss %.3f (%s) | lr %.2e | %.0f samples/s | data wait %.0f%% | "
-                     "%s | ETA %s", step, self.total, 100 * step / max(self.total, 1), metrics.get("epoch", 0),
-                     metrics["loss"], pairs, metrics.get("lr", float("nan")), figures["samples_per_s"],
-                     100 * figures["data_wait_frac"], mfu, format_duration(eta) if eta == eta else "-")
+            log.info(
+                "step %d/%d (%.0f%%) | epoch %d | loss %.3f (%s) | lr %.2e | %.0f samples/s | data wait %.0f%% | "
+                "%s | ETA %s",
+                step,
+                self.total,
+                100 * step / max(self.total, 1),
+                metrics.get("epoch", 0),
+                metrics["loss"],
+                pairs,
+                metrics.get("lr", float("nan")),
+                figures["samples_per_s"],
+                100 * figures["data_wait_frac"],
+                mfu,
+                format_duration(eta) if eta == eta else "-",
+            )
         return figures
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ def tower_state(name: str, modality: Modality, path: str | Path) -> dict[str, to
     state = _read_state_dict(path)
     for prefix in (f"encoders.{name}.", f"model.encoders.{name}."):
         if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     from_open_clip = getattr(modality, "from_open_clip", None)
     if from_open_clip is not None:
         mapped = from_open_clip(state)
@@ -55,11 +55,16 @@ def init_tower(name: str, encoder: nn.Module, modality: Modality, path: str | Pa
     own = encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                    if k in state and state[k].shape != v.shape)
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    )
     if missing or unexpected or shapes:
-        raise ConfigError(f"model.towers.{name}.init: {path} does not fit the {name} tower: missing "
-                          f"{missing[:8]}, unexpected {unexpected[:8]}, other shapes {shapes[:8]}")
+        raise ConfigError(
+            f"model.towers.{name}.init: {path} does not fit the {name} tower: missing "
+            f"{missing[:8]}, unexpected {unexpected[:8]}, other shapes {shapes[:8]}"
+        )
     encoder.load_state_dict(state)
     log.info("initialised the %s tower from %s (%d tensors)", name, path, len(state))
 
@@ -67,8 +72,11 @@ def init_tower(name: str, encoder: nn.Module, modality: Modality, path: str | Pa
 def _blocks(encoder: nn.Module) -> nn.Module | None:
     """The tower's stack of transformer blocks: among lists of two or more modules of one class,
     the one holding the most parameters (a block's own small Sequential, e.g. an MLP, loses)."""
-    stacks = [m for m in encoder.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2
-              and len({type(c) for c in m}) == 1]
+    stacks = [
+        m
+        for m in encoder.modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2 and len({type(c) for c in m}) == 1
+    ]
     return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
@@ -98,11 +106,18 @@ def freeze_tower(name: str, encoder: nn.Module, unlocked_blocks: int = 0) -> int
         if blocks is None:
             raise ConfigError(f"model.towers.{name}.unlocked_blocks: the {name} tower has no block list")
         unlocked_blocks = min(unlocked_blocks, len(blocks))
-        for p in [p for block in list(blocks)[-unlocked_blocks:] for p in block.parameters()] + _after_blocks(encoder, blocks):
+        for p in [p for block in list(blocks)[-unlocked_blocks:] for p in block.parameters()] + _after_blocks(
+            encoder, blocks
+        ):
             p.requires_grad = True
     trainable = sum(p.requires_grad for p in params)
-    log.info("%s tower frozen%s: %d of %d tensors train", name,
-             f" but its last {unlocked_blocks} blocks" if unlocked_blocks else "", trainable, len(params))
+    log.info(
+        "%s tower frozen%s: %d of %d tensors train",
+        name,
+        f" but its last {unlocked_blocks} blocks" if unlocked_blocks else "",
+        trainable,
+        len(params),
+    )
     return trainable
 
 

@@ -20,8 +20,16 @@ class LoggerConfig:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, wandb_mode: str = "disabled",
-                 project: str = "contrastive", tensorboard: bool = False, config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        wandb_mode: str = "disabled",
+        project: str = "contrastive",
+        tensorboard: bool = False,
+        config: Mapping[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = self._tb = None

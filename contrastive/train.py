@@ -53,13 +53,21 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "position": vars(self.position).copy(), "counts": dict(self.counts),
-                "skipped_steps": self.skipped_steps}
+        return {
+            "step": self.step,
+            "position": vars(self.position).copy(),
+            "counts": dict(self.counts),
+            "skipped_steps": self.skipped_steps,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainState":
-        return cls(step=d["step"], position=DataPosition(**d["position"]), counts=Counter(d["counts"]),
-                   skipped_steps=d.get("skipped_steps", 0))
+        return cls(
+            step=d["step"],
+            position=DataPosition(**d["position"]),
+            counts=Counter(d["counts"]),
+            skipped_steps=d.get("skipped_steps", 0),
+        )
 
 
 def sum_counts(counts: Mapping[str, int]) -> Counter:
@@ -87,8 +95,15 @@ class Hooks:
     record_keys: Callable[[int, list[str]], None] | None = None  # each step's sample keys
 
 
-def train_loop(engine: Any, batches: Iterator[dict[str, Any]], state: TrainState, settings: TrainerConfig,
-               hooks: Hooks, logger: MetricsLogger, progress: Progress) -> TrainState:
+def train_loop(
+    engine: Any,
+    batches: Iterator[dict[str, Any]],
+    state: TrainState,
+    settings: TrainerConfig,
+    hooks: Hooks,
+    logger: MetricsLogger,
+    progress: Progress,
+) -> TrainState:
     """Trains from `state.step` to `settings.max_steps` (or `stop_at_step`, earlier, of the same
     schedule, or until `hooks.stop_requested()`). Each step takes `settings.accumulate` batches,
     which the loss sees as one batch (contrastive.engine.Engine.train_step)."""
@@ -112,8 +127,12 @@ def train_loop(engine: Any, batches: Iterator[dict[str, Any]], state: TrainState
         else:
             state.skipped_steps += 1
             bad_in_a_row += 1
-            log.warning("step %d: non-finite %s, update skipped (%d in a row)", state.step + 1,
-                        "gradient" if finite else "loss", bad_in_a_row)
+            log.warning(
+                "step %d: non-finite %s, update skipped (%d in a row)",
+                state.step + 1,
+                "gradient" if finite else "loss",
+                bad_in_a_row,
+            )
             if bad_in_a_row >= settings.max_bad_steps:
                 raise FloatingPointError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
@@ -121,21 +140,35 @@ def train_loop(engine: Any, batches: Iterator[dict[str, Any]], state: TrainState
                 )
         state.step += 1
         loss = float(sum(v for k, v in logs.items() if k.startswith("loss/")))
-        progress.step(state.step, samples=sum(len(b["__key__"]) for b in micro), data_seconds=t_data,
-                      seconds=time.perf_counter() - t0, loss=loss)
+        progress.step(
+            state.step,
+            samples=sum(len(b["__key__"]) for b in micro),
+            data_seconds=t_data,
+            seconds=time.perf_counter() - t0,
+            loss=loss,
+        )
 
         if state.step % settings.log_every == 0 or state.step == end:
             state.counts.update(sum_counts(local_counts))
             local_counts.clear()
             hooks.check_counts(state.counts)
             metrics = {k: float(v) for k, v in logs.items()}
-            metrics.update(loss=loss, grad_norm=engine.grad_norm(), lr=engine.lr, epoch=state.position.epoch,
-                           skipped_steps=state.skipped_steps)
+            metrics.update(
+                loss=loss,
+                grad_norm=engine.grad_norm(),
+                lr=engine.lr,
+                epoch=state.position.epoch,
+                skipped_steps=state.skipped_steps,
+            )
             metrics.update(progress.report(state.step, metrics))
             metrics.update({f"data/{k}": v for k, v in state.counts.items() if not k.startswith(BAD_SHARD)})
             logger.log(state.step, metrics)
-        if hooks.evaluate is not None and settings.eval_every and state.step % settings.eval_every == 0 \
-                and state.step < settings.max_steps:
+        if (
+            hooks.evaluate is not None
+            and settings.eval_every
+            and state.step % settings.eval_every == 0
+            and state.step < settings.max_steps
+        ):
             logger.log(state.step, hooks.evaluate(state.step))
         if settings.save_every and state.step % settings.save_every == 0 and state.step < end:
             hooks.save(state)

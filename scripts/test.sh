@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install.sh
+# Lint and format, as configured in pyproject.toml ([tool.ruff]): fix with `.venv/bin/ruff format .`
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 # The SLURM tests start a real single-node cluster; its Debian packages come from here.
 bash slurm/local_cluster.sh install || echo "[test] SLURM could not be installed: its tests will say so and skip"
 exec .venv/bin/python -m pytest "$@"

@@ -39,14 +39,18 @@ def compose(*overrides: str):
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
-def run_cli(name: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    name: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """Runs an installed console script (contrastive-train, ...) as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([str(BIN / name), *args], cwd=cwd or REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / name), *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -57,7 +61,11 @@ def read_jsonl(path: Path) -> list[dict]:
 def tiny_overrides(demo: Path, run_dir: Path, *extra: str) -> list[str]:
     """The tiny demo experiment on the small demo set, a few steps, in `run_dir`."""
     return [
-        "experiment=demo", "debug=smoke",
-        f"data.train={demo / 'train'}", f"data.eval={demo / 'heldout'}",
-        f"hydra.run.dir={run_dir}", "trainer.threads=1", *extra,
+        "experiment=demo",
+        "debug=smoke",
+        f"data.train={demo / 'train'}",
+        f"data.eval={demo / 'heldout'}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.threads=1",
+        *extra,
     ]

@@ -28,13 +28,25 @@ class BuggyCaption(Text):
 
 def test_a_modality_that_never_succeeds_stops_the_run_at_the_first_batch(demo_data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("contrastive-train", *tiny_overrides(
-        demo_data, run_dir, "imports=[test_broken_modality]", "modalities=[image,buggy_caption]",
-        "+modality.buggy_caption={context_length: 16, width: 64, layers: 2, heads: 2}", "data.num_workers=2",
-        "data.eval=null"), env={"PYTHONPATH": str(REPO / "tests")}, check=False)
+    proc = run_cli(
+        "contrastive-train",
+        *tiny_overrides(
+            demo_data,
+            run_dir,
+            "imports=[test_broken_modality]",
+            "modalities=[image,buggy_caption]",
+            "+modality.buggy_caption={context_length: 16, width: 64, layers: 2, heads: 2}",
+            "data.num_workers=2",
+            "data.eval=null",
+        ),
+        env={"PYTHONPATH": str(REPO / "tests")},
+        check=False,
+    )
     assert proc.returncode != 0
     err = proc.stderr
-    assert "ModalityError" in err and "the buggy_caption modality (test_broken_modality.BuggyCaption)" in err, err[-3000:]
+    assert "ModalityError" in err and "the buggy_caption modality (test_broken_modality.BuggyCaption)" in err, err[
+        -3000:
+    ]
     # its own traceback: the line of the bug, in the test file
     assert "test_broken_modality.py" in err and "in preprocess" in err and "TypeError" in err
     assert "max_bad_fraction" not in err  # not reported as bad data
@@ -47,8 +59,15 @@ def test_corrupt_bytes_before_good_ones_are_still_bad_data():
     slots = [sample(i) for i in range(6)]
     for i in (0, 1, 2, 3):  # the first four images corrupt, then good ones in the same batch
         slots[i]["png"] = b"\x89PNG\r\n\x1a\nbroken"
-    batch = decoder([{"__shard__": "s", **{k: v if not isinstance(v, str) else v.encode() for k, v in s.items()
-                                          if k not in ("json", "flac")}} for s in slots])
+    batch = decoder(
+        [
+            {
+                "__shard__": "s",
+                **{k: v if not isinstance(v, str) else v.encode() for k, v in s.items() if k not in ("json", "flac")},
+            }
+            for s in slots
+        ]
+    )
     assert batch["counts"]["bad/image"] == 4 and batch["mask"]["image"].tolist() == [False] * 4 + [True] * 2
 
 

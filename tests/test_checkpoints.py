@@ -22,11 +22,26 @@ TOTAL = 24
 
 
 def launch(demo, run_dir, *extra) -> subprocess.Popen:
-    args = tiny_overrides(demo, run_dir, f"trainer.max_steps={TOTAL}", "trainer.log_every=1", "data.eval=null",
-                          "export=false", "data.num_workers=1", "data.batch_size=8", "engine.zero_stage=2", *extra)
-    return subprocess.Popen(["torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args],
-                            cwd=REPO, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = tiny_overrides(
+        demo,
+        run_dir,
+        f"trainer.max_steps={TOTAL}",
+        "trainer.log_every=1",
+        "data.eval=null",
+        "export=false",
+        "data.num_workers=1",
+        "data.batch_size=8",
+        "engine.zero_stage=2",
+        *extra,
+    )
+    return subprocess.Popen(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args],
+        cwd=REPO,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def losses(run_dir):
@@ -74,14 +89,18 @@ def _interrupted_save(tmp):
     def make():
         torch.manual_seed(0)
         objective = build_objective(tiny_modalities(("image", "text")), embed_dim=16)
-        opt, _ = build_optimizer(objective, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3),
-                                 scheduler=None, total_steps=10)
+        opt, _ = build_optimizer(
+            objective, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3), scheduler=None, total_steps=10
+        )
         return objective, Engine(objective, opt, None, deepspeed_config(micro_batch_size=4, world_size=1))
 
     objective, engine = make()
-    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 16)),
-             "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)}}
-    for step in (1, 2):
+    batch = {
+        "image": torch.randn(4, 3, 32, 32),
+        "text": torch.randint(1, 100, (4, 16)),
+        "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)},
+    }
+    for _ in (1, 2):  # steps 1 and 2
         loss, _ = engine(batch)
         engine.backward(loss)
         engine.step()
@@ -124,11 +143,25 @@ def test_nonfinite_steps_stop_the_run_with_a_checkpoint_from_before(tmp_path):
         s["vec"] = np.full(8, np.nan, dtype=np.float32).tobytes()
     data = write_dataset(tmp_path / "data", samples, shard_size=1000)
     run_dir = tmp_path / "run"
-    proc = run_cli("contrastive-train", *tiny_overrides(
-        tmp_path, run_dir, f"data.train={data}", "data.eval=null", "modalities=[vec,text]",
-        "imports=[test_fourth_modality]", "data.batch_size=8", "data.shuffle_buffer=0", "trainer.max_steps=20",
-        "trainer.log_every=1", "trainer.save_every=2", "trainer.max_bad_steps=3"),
-        env={"PYTHONPATH": str(REPO / "tests")}, check=False)
+    proc = run_cli(
+        "contrastive-train",
+        *tiny_overrides(
+            tmp_path,
+            run_dir,
+            f"data.train={data}",
+            "data.eval=null",
+            "modalities=[vec,text]",
+            "imports=[test_fourth_modality]",
+            "data.batch_size=8",
+            "data.shuffle_buffer=0",
+            "trainer.max_steps=20",
+            "trainer.log_every=1",
+            "trainer.save_every=2",
+            "trainer.max_bad_steps=3",
+        ),
+        env={"PYTHONPATH": str(REPO / "tests")},
+        check=False,
+    )
     assert proc.returncode != 0
     assert "3 steps in a row had a non-finite loss or gradient; stopping" in proc.stderr
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

@@ -42,8 +42,11 @@ def test_every_option_composes_and_builds(group):
             loss = build_loss(list(modalities), OmegaConf.to_object(cfg.loss))
             objective = build_objective(modalities, embed_dim=cfg.model.embed_dim, loss=loss)
         optimizer, scheduler = build_optimizer(
-            torch.nn.Linear(2, 2), optimizer=instantiate(cfg.optim.optimizer),
-            scheduler=instantiate(cfg.optim.scheduler), total_steps=cfg.trainer.max_steps)
+            torch.nn.Linear(2, 2),
+            optimizer=instantiate(cfg.optim.optimizer),
+            scheduler=instantiate(cfg.optim.scheduler),
+            total_steps=cfg.trainer.max_steps,
+        )
         assert set(objective.model.encoders) == set(cfg.modalities)
         assert optimizer.param_groups[0]["weight_decay"] == cfg.optim.optimizer.weight_decay
 
@@ -74,7 +77,9 @@ def test_new_key_is_checked_against_the_schema():
 def test_misspelt_yaml_key_names_it(tmp_path: Path):
     exp = tmp_path / "experiment"
     exp.mkdir()
-    (exp / "typo.yaml").write_text("# @package _global_\n# contrastive-train experiment=typo\ntrainer:\n  max_stesp: 3\n")
+    (exp / "typo.yaml").write_text(
+        "# @package _global_\n# contrastive-train experiment=typo\ntrainer:\n  max_stesp: 3\n"
+    )
     with pytest.raises(Exception) as err:
         compose("experiment=typo", f"hydra.searchpath=[file://{tmp_path}]")
     assert "max_stesp" in str(err.value) + str(err.value.__cause__)
@@ -87,13 +92,19 @@ def test_misspelt_modality_field_names_it():
 
 
 def test_per_pair_settings_from_the_command_line():
-    cfg = compose("loss.pairs=anchor:image", "+loss.weights.image-audio=0.5",
-                  "+loss.temperatures.image-text={init: 0.05, learnable: false}", "loss.tile_size=256")
+    cfg = compose(
+        "loss.pairs=anchor:image",
+        "+loss.weights.image-audio=0.5",
+        "+loss.temperatures.image-text={init: 0.05, learnable: false}",
+        "loss.tile_size=256",
+    )
     loss = build_loss(list(cfg.modalities), OmegaConf.to_object(cfg.loss))
     assert loss.pairs == [("image", "audio"), ("image", "text")]
     assert loss.weights == {"image-audio": 0.5, "image-text": 1.0}
     assert loss.scales()["image-text"].item() == pytest.approx(20.0)
-    assert not loss.losses["image-text"].logit_scale.requires_grad and loss.losses["image-audio"].logit_scale.requires_grad
+    assert (
+        not loss.losses["image-text"].logit_scale.requires_grad and loss.losses["image-audio"].logit_scale.requires_grad
+    )
     assert loss.losses["image-text"].tile_size == 256
     cfg = compose("+loss.temperatures.image-text={max_logit: 5}")
     with pytest.raises(ConfigError, match=r"loss.temperatures.image-text: unknown key\(s\) \['max_logit'\]"):

@@ -61,8 +61,16 @@ def test_every_rank_gets_equal_batches_and_every_sample_once(dataset_dir, world,
     mods = tiny_modalities(("image", "text"))
     per_rank = []
     for rank in range(world):
-        ds = ShardDataset(load_sources(str(dataset_dir)), mods, batch_size=4, train=True, seed=3, rank=rank,
-                          world_size=world, num_workers=workers)
+        ds = ShardDataset(
+            load_sources(str(dataset_dir)),
+            mods,
+            batch_size=4,
+            train=True,
+            seed=3,
+            rank=rank,
+            world_size=world,
+            num_workers=workers,
+        )
         per_rank.append(list(make_loader(ds)))
     assert len({len(r) for r in per_rank}) == 1, "every rank must see the same number of batches"
     assert len(per_rank[0]) == len(ds)
@@ -105,8 +113,9 @@ def test_corrupt_image_is_counted_and_the_rest_of_the_sample_kept(tmp_path):
     samples[4]["png"] = b"\x89PNG garbage"
     samples[9]["png"] = samples[9]["png"][:40]
     write_dataset(tmp_path, samples, shard_size=5)
-    ds = ShardDataset(load_sources(str(tmp_path)), tiny_modalities(("image", "text")), batch_size=6, train=False,
-                      num_workers=2)
+    ds = ShardDataset(
+        load_sources(str(tmp_path)), tiny_modalities(("image", "text")), batch_size=6, train=False, num_workers=2
+    )
     out = list(make_loader(ds))
     totals = sum((Counter(b["counts"]) for b in out), Counter())
     assert totals["bad/image"] == 2

@@ -20,8 +20,9 @@ MODS = ("image", "audio", "text")
 
 
 def run_epoch(path: Path, mods=MODS, batch_size=4, workers=2):
-    ds = ShardDataset(load_sources(str(path)), tiny_modalities(mods), batch_size=batch_size, train=True,
-                      num_workers=workers, seed=0)
+    ds = ShardDataset(
+        load_sources(str(path)), tiny_modalities(mods), batch_size=batch_size, train=True, num_workers=workers, seed=0
+    )
     batches = list(make_loader(ds))
     assert len(batches) == len(ds)
     counts = sum((Counter(b["counts"]) for b in batches), Counter())
@@ -42,15 +43,18 @@ def test_clean_data_counts_nothing_bad(tmp_path):
     assert not [k for k in counts if k.startswith("bad")] and len(delivered) == 12
 
 
-@pytest.mark.parametrize("kind,corrupt,lost", [
-    ("image", lambda s: s.update(png=b"\x89PNG\r\n\x1a\nbroken"), "image"),
-    ("image", lambda s: s.update(png=s["png"][: len(s["png"]) // 3]), "image"),
-    ("audio", lambda s: s.update(flac=s["flac"][:200]), "audio"),  # truncated
-    ("audio", lambda s: s.update(flac=b"fLaC" + os.urandom(300)), "audio"),  # undecodable
-    ("audio", lambda s: s.update(flac=flac(0, seconds=0.01)), "audio"),  # too short to be a clip
-    ("text", lambda s: s.update(txt="   "), "text"),  # empty
-    ("text", lambda s: s.update(txt=b"\xff\xfe caf\xe9"), "text"),  # not UTF-8
-])
+@pytest.mark.parametrize(
+    "kind,corrupt,lost",
+    [
+        ("image", lambda s: s.update(png=b"\x89PNG\r\n\x1a\nbroken"), "image"),
+        ("image", lambda s: s.update(png=s["png"][: len(s["png"]) // 3]), "image"),
+        ("audio", lambda s: s.update(flac=s["flac"][:200]), "audio"),  # truncated
+        ("audio", lambda s: s.update(flac=b"fLaC" + os.urandom(300)), "audio"),  # undecodable
+        ("audio", lambda s: s.update(flac=flac(0, seconds=0.01)), "audio"),  # too short to be a clip
+        ("text", lambda s: s.update(txt="   "), "text"),  # empty
+        ("text", lambda s: s.update(txt=b"\xff\xfe caf\xe9"), "text"),  # not UTF-8
+    ],
+)
 def test_bad_modality_is_counted_and_the_rest_of_the_sample_kept(tmp_path, kind, corrupt, lost):
     samples = [sample(i) for i in range(14)]
     for i in (2, 9, 13):
@@ -116,10 +120,13 @@ def test_unreadable_sizes_json_counts_the_shards(tmp_path):
     assert len(delivered) == 13
 
 
-@pytest.mark.parametrize("claimed,kind,count,delivered", [
-    (7, "bad/short_shard", 2, 10),  # 2 slots the shard cannot fill: counted, the rest delivered
-    (3, "bad/sizes_mismatch", 2, 8),  # 2 samples never read: counted, not lost silently
-])
+@pytest.mark.parametrize(
+    "claimed,kind,count,delivered",
+    [
+        (7, "bad/short_shard", 2, 10),  # 2 slots the shard cannot fill: counted, the rest delivered
+        (3, "bad/sizes_mismatch", 2, 8),  # 2 samples never read: counted, not lost silently
+    ],
+)
 def test_wrong_sizes_json(tmp_path, claimed, kind, count, delivered):
     path = write(tmp_path, [sample(i) for i in range(10)], shard_size=5)
     sizes = json.loads((path / "sizes.json").read_text())

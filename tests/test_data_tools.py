@@ -36,8 +36,9 @@ def digest(directory: Path) -> dict[str, str]:
 
 def test_shards_from_a_folder_paired_by_stem_are_deterministic(tmp_path):
     raw = make_folder(tmp_path)
-    proc = run_cli("contrastive-data", "shards", str(tmp_path / "a"), "--folder", str(raw), "--max-count", "3",
-                   "--workers", "2")
+    proc = run_cli(
+        "contrastive-data", "shards", str(tmp_path / "a"), "--folder", str(raw), "--max-count", "3", "--workers", "2"
+    )
     assert "7 samples in 3 shards" in proc.stdout and "1 files skipped" in proc.stdout
     build_shards(tmp_path / "b", folder=str(raw), max_count=3, workers=1)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")  # same input, same bytes, any worker count
@@ -60,13 +61,17 @@ def test_shards_by_bytes(tmp_path):
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_shards_from_a_manifest(tmp_path, fmt):
     make_folder(tmp_path)
-    rows = [{"key": "a", "image": "raw/item0.png", "text": "first", "label": "x"},
-            {"key": "b", "audio": "raw/sub/item1.flac", "text_path": "raw/sub/item1.txt"},
-            {"image": "raw/item2.png", "audio": "raw/item2.flac", "label": "y"}]
+    rows = [
+        {"key": "a", "image": "raw/item0.png", "text": "first", "label": "x"},
+        {"key": "b", "audio": "raw/sub/item1.flac", "text_path": "raw/sub/item1.txt"},
+        {"image": "raw/item2.png", "audio": "raw/item2.flac", "label": "y"},
+    ]
     manifest = tmp_path / f"pairs.{fmt}"
     if fmt == "csv":
         cols = ["key", "image", "audio", "text", "text_path", "label"]
-        manifest.write_text(",".join(cols) + "\n" + "\n".join(",".join(r.get(c, "") for c in cols) for r in rows) + "\n")
+        manifest.write_text(
+            ",".join(cols) + "\n" + "\n".join(",".join(r.get(c, "") for c in cols) for r in rows) + "\n"
+        )
     else:
         manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     build_shards(tmp_path / "out", manifest=str(manifest), max_count=2, workers=2)

@@ -19,8 +19,16 @@ PER_RANK = 8
 
 
 def two_ranks(launcher: str, demo, run_dir, *extra):
-    args = tiny_overrides(demo, run_dir, f"trainer.max_steps={STEPS}", f"data.batch_size={PER_RANK}",
-                          "trainer.record_keys=true", "trainer.log_every=1", "data.eval=null", *extra)
+    args = tiny_overrides(
+        demo,
+        run_dir,
+        f"trainer.max_steps={STEPS}",
+        f"data.batch_size={PER_RANK}",
+        "trainer.record_keys=true",
+        "trainer.log_every=1",
+        "data.eval=null",
+        *extra,
+    )
     train = str(BIN / "contrastive-train")
     if launcher == "torchrun":
         return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", train, *args)
@@ -39,15 +47,29 @@ def single_process(demo_data, tmp_path_factory):
     reference = tmp / "two_ranks"
     two_ranks("torchrun", demo_data, reference, "engine.zero_stage=0", "export=true")
     keys = [[row["keys"] for row in read_jsonl(reference / "keys" / f"rank{r}.jsonl")] for r in range(2)]
-    samples = {s["__key__"]: s for shard in sorted((demo_data / "train").glob("*.tar")) for s in iter_tar_samples(str(shard))}
+    samples = {
+        s["__key__"]: s for shard in sorted((demo_data / "train").glob("*.tar")) for s in iter_tar_samples(str(shard))
+    }
     ordered = [samples[k] for step in range(STEPS) for r in range(2) for k in keys[r][step]]
     assert len(ordered) == STEPS * 2 * PER_RANK  # full batches: no padding, no empty sample
-    replay = write_dataset(tmp / "replay", [{k: v for k, v in s.items() if k != "__shard__"} for s in ordered],
-                           shard_size=10_000)
+    replay = write_dataset(
+        tmp / "replay", [{k: v for k, v in s.items() if k != "__shard__"} for s in ordered], shard_size=10_000
+    )
     single = tmp / "single"
-    run_cli("contrastive-train", *tiny_overrides(demo_data, single, f"data.train={replay}", "data.eval=null",
-                                                 f"trainer.max_steps={STEPS}", f"data.batch_size={2 * PER_RANK}",
-                                                 "data.shuffle_buffer=0", "trainer.log_every=1", "export=false"))
+    run_cli(
+        "contrastive-train",
+        *tiny_overrides(
+            demo_data,
+            single,
+            f"data.train={replay}",
+            "data.eval=null",
+            f"trainer.max_steps={STEPS}",
+            f"data.batch_size={2 * PER_RANK}",
+            "data.shuffle_buffer=0",
+            "trainer.log_every=1",
+            "export=false",
+        ),
+    )
     return losses(single), reference
 
 
@@ -55,8 +77,10 @@ def single_process(demo_data, tmp_path_factory):
 # all-reduce across ranks, versus one sum over the whole batch), so fp32 rounding differs in the
 # last bits (~1e-7 relative) and Adam carries that through later steps; 1e-4 absolute on losses
 # near 9 is ~1e-5 relative, far below what a wrong gradient (or a wrong normalisation) would give.
-@pytest.mark.parametrize("launcher,zero", [("torchrun", 0), ("torchrun", 2), ("torchrun", 3),
-                                           ("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3)])
+@pytest.mark.parametrize(
+    "launcher,zero",
+    [("torchrun", 0), ("torchrun", 2), ("torchrun", 3), ("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3)],
+)
 def test_two_ranks_match_one_process(single_process, demo_data, tmp_path, launcher, zero):
     expected, reference = single_process
     run_dir = tmp_path / "run"
@@ -66,7 +90,10 @@ def test_two_ranks_match_one_process(single_process, demo_data, tmp_path, launch
         two_ranks(launcher, demo_data, run_dir, f"engine.zero_stage={zero}", f"export={zero == 3}")
     assert losses(run_dir) == pytest.approx(expected, abs=1e-4)
     if zero == 3:  # the export gathers ZeRO-3's partitions into the same weights ZeRO-0 holds whole
-        ours, ref = load_file(str(run_dir / "export/model.safetensors")), load_file(str(reference / "export/model.safetensors"))
+        ours, ref = (
+            load_file(str(run_dir / "export/model.safetensors")),
+            load_file(str(reference / "export/model.safetensors")),
+        )
         assert ours.keys() == ref.keys()
         for k in ref:
             assert torch.allclose(ours[k], ref[k], atol=1e-4), k
@@ -75,8 +102,18 @@ def test_two_ranks_match_one_process(single_process, demo_data, tmp_path, launch
 @pytest.mark.parametrize("precision,zero", [("bf16", 0), ("bf16", 2), ("amp_bf16", 0)])
 def test_bf16_trains(demo_data, tmp_path, precision, zero):
     run_dir = tmp_path / "run"
-    run_cli("contrastive-train", *tiny_overrides(demo_data, run_dir, f"trainer.precision={precision}", f"engine.zero_stage={zero}",
-                                                 "trainer.max_steps=6", "trainer.log_every=1", "data.eval=null"))
+    run_cli(
+        "contrastive-train",
+        *tiny_overrides(
+            demo_data,
+            run_dir,
+            f"trainer.precision={precision}",
+            f"engine.zero_stage={zero}",
+            "trainer.max_steps=6",
+            "trainer.log_every=1",
+            "data.eval=null",
+        ),
+    )
     got = losses(run_dir)
     assert len(got) == 6 and all(torch.isfinite(torch.tensor(got))) and got[-1] < got[0]
     weights = load_file(str(run_dir / "export/model.safetensors"))
@@ -92,12 +129,21 @@ def _engine_losses(attention: str, precision: str, dtypes: bool = False):
 
     torch.manual_seed(0)
     objective = build_objective(tiny_modalities(("image", "text")), embed_dim=16)
-    opt, _ = build_optimizer(objective, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3),
-                             scheduler=None, total_steps=10)
-    engine = Engine(objective, opt, None, deepspeed_config(micro_batch_size=4, world_size=1, precision=precision),
-                    attention=attention)
-    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 16)),
-             "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)}}
+    opt, _ = build_optimizer(
+        objective, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3), scheduler=None, total_steps=10
+    )
+    engine = Engine(
+        objective,
+        opt,
+        None,
+        deepspeed_config(micro_batch_size=4, world_size=1, precision=precision),
+        attention=attention,
+    )
+    batch = {
+        "image": torch.randn(4, 3, 32, 32),
+        "text": torch.randint(1, 100, (4, 16)),
+        "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)},
+    }
     out = []
     for _ in range(3):
         loss, _ = engine(batch)
@@ -117,14 +163,21 @@ def _first_update(precision: str) -> tuple[set, float]:
     torch.manual_seed(0)
     objective = build_objective(tiny_modalities(("image", "text")), embed_dim=16)
     lr = 1e-3
-    opt, _ = build_optimizer(objective, optimizer=lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.0),
-                             scheduler=None, total_steps=10)
+    opt, _ = build_optimizer(
+        objective,
+        optimizer=lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.0),
+        scheduler=None,
+        total_steps=10,
+    )
     engine = Engine(objective, opt, None, deepspeed_config(micro_batch_size=4, world_size=1, precision=precision))
     # The tensors the optimizer updates: the weights in fp32, DeepSpeed's fp32 masters in bf16.
     masters = [p for group in opt.param_groups for p in group["params"]]
     before = [p.detach().clone() for p in masters]
-    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 16)),
-             "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)}}
+    batch = {
+        "image": torch.randn(4, 3, 32, 32),
+        "text": torch.randint(1, 100, (4, 16)),
+        "mask": {"image": torch.ones(4, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)},
+    }
     loss, _ = engine(batch)
     engine.backward(loss)
     engine.step()
@@ -156,7 +209,10 @@ def test_attention_kernels_are_chosen_by_config():
         attention_backends("fast", "cpu", "fp32")
     # The kernels really are the ones asked for: the same numbers from math and flash, and the
     # memory-efficient kernel, which has no CPU implementation, fails.
-    (math_losses,), (flash_losses,) = run_ranks(1, _engine_losses, "math", "fp32"), run_ranks(1, _engine_losses, "flash", "fp32")
+    (math_losses,), (flash_losses,) = (
+        run_ranks(1, _engine_losses, "math", "fp32"),
+        run_ranks(1, _engine_losses, "flash", "fp32"),
+    )
     assert math_losses == pytest.approx(flash_losses, abs=1e-5)
     with pytest.raises(AssertionError, match="No viable backend for scaled_dot_product_attention"):
         run_ranks(1, _engine_losses, "efficient", "fp32")
@@ -166,5 +222,8 @@ def test_attention_kernels_are_chosen_by_config():
     assert amp_dtypes == {torch.float32}
     assert amp_losses != math_losses and amp_losses == pytest.approx(math_losses, abs=0.05)
     # bf16 on CPU: auto is the math kernel, bit for bit.
-    (auto_bf16,), (math_bf16,) = run_ranks(1, _engine_losses, "auto", "bf16"), run_ranks(1, _engine_losses, "math", "bf16")
+    (auto_bf16,), (math_bf16,) = (
+        run_ranks(1, _engine_losses, "auto", "bf16"),
+        run_ranks(1, _engine_losses, "math", "bf16"),
+    )
     assert auto_bf16 == math_bf16 and all(torch.isfinite(torch.tensor(auto_bf16)))

@@ -28,8 +28,15 @@ MODS = ("image", "audio", "text")
 def make_objective(variant: str):
     torch.manual_seed(0)
     mods = tiny_modalities(MODS)
-    loss = build_loss(list(mods), dict(pairs="all", temperatures={"audio-text": {"init": 0.05, "learnable": False}},
-                                       weights={"image-audio": 0.7}, **VARIANTS[variant]))
+    loss = build_loss(
+        list(mods),
+        dict(
+            pairs="all",
+            temperatures={"audio-text": {"init": 0.05, "learnable": False}},
+            weights={"image-audio": 0.7},
+            **VARIANTS[variant],
+        ),
+    )
     objective = build_objective(mods, embed_dim=16, loss=loss)
     with torch.no_grad():  # non-default temperatures and biases, so their gradients are not special
         for p in objective.loss.parameters():
@@ -40,10 +47,12 @@ def make_objective(variant: str):
 def global_batch(n: int, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     mods = tiny_modalities(MODS)
-    batch = {"image": torch.randn(n, 3, 32, 32, generator=g),
-             "audio": torch.randn(n, 1, 32, mods["audio"].frames, generator=g),
-             "text": torch.randint(1, 1000, (n, 16), generator=g),
-             "label_id": torch.randint(-1, 3, (n,), generator=g)}
+    batch = {
+        "image": torch.randn(n, 3, 32, 32, generator=g),
+        "audio": torch.randn(n, 1, 32, mods["audio"].frames, generator=g),
+        "text": torch.randint(1, 1000, (n, 16), generator=g),
+        "label_id": torch.randint(-1, 3, (n,), generator=g),
+    }
     batch["mask"] = {m: torch.rand(n, generator=g) > 0.25 for m in MODS}
     return batch
 
@@ -81,8 +90,9 @@ def rank_results(per_rank: int) -> dict:
     batch = global_batch(per_rank * dist.get_world_size())
     out = {}
     for variant in VARIANTS:
-        out[variant] = loss_and_grads(make_objective(variant),
-                                      slice_batch(batch, rank * per_rank, (rank + 1) * per_rank))
+        out[variant] = loss_and_grads(
+            make_objective(variant), slice_batch(batch, rank * per_rank, (rank + 1) * per_rank)
+        )
     return out
 
 

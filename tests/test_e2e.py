@@ -37,8 +37,11 @@ def test_run_directory_holds_config_metrics_checkpoint_export(demo_run, demo_dat
     assert cfg.trainer.max_steps == 4 and cfg.data.train == str(demo_data / "train")
     assert cfg.modality.image.image_size == 32
     final = read_jsonl(run_dir / "metrics.jsonl")[-1]
-    assert {"eval/zero_shot/image->text/acc", "eval/zero_shot/audio->text/acc",
-            "eval/retrieval/image->audio/R@1"} <= set(final)
+    assert {
+        "eval/zero_shot/image->text/acc",
+        "eval/zero_shot/audio->text/acc",
+        "eval/retrieval/image->audio/R@1",
+    } <= set(final)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert (run_dir / "export" / "model.safetensors").exists()
     assert "zero-shot classification" in proc.stderr + proc.stdout
@@ -62,8 +65,14 @@ def test_export_gives_the_trained_model_embeddings(demo_run, demo_data):
 
 def test_standalone_eval_and_export(demo_run, demo_data, tmp_path):
     run_dir, _ = demo_run
-    proc = run_cli("contrastive-eval", str(run_dir / "export"), "--data", str(demo_data / "heldout"),
-                   "--json", str(tmp_path / "m.json"))
+    proc = run_cli(
+        "contrastive-eval",
+        str(run_dir / "export"),
+        "--data",
+        str(demo_data / "heldout"),
+        "--json",
+        str(tmp_path / "m.json"),
+    )
     assert "image->text" in proc.stdout and (tmp_path / "m.json").exists()
     run_cli("contrastive-export", str(run_dir), str(tmp_path / "export"))
     # One function makes both exports: the same bytes as training's own export of the same checkpoint.
@@ -71,17 +80,21 @@ def test_standalone_eval_and_export(demo_run, demo_data, tmp_path):
     files = sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
     assert {"model.safetensors", "config.json", "README.md", "open_clip/open_clip_model.safetensors"} <= {
-        str(f) for f in files}
+        str(f) for f in files
+    }
     for f in files:
         assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
     config = json.loads((theirs / "config.json").read_text())
     assert config["info"]["steps"] == 4 and "zero_shot/image->text/acc" in config["metrics"]
 
 
-@pytest.mark.parametrize("options", [
-    ["loss=siglip", "trainer.accumulate=2"],
-    ["loss.tile_size=8", "loss.label_aware=true", "loss.pairs=anchor:text", "trainer.accumulate=3"],
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["loss=siglip", "trainer.accumulate=2"],
+        ["loss.tile_size=8", "loss.label_aware=true", "loss.pairs=anchor:text", "trainer.accumulate=3"],
+    ],
+)
 def test_loss_options_train_through_the_cli(demo_data, tmp_path, options):
     run_dir = tmp_path / "run"
     run_cli("contrastive-train", *tiny_overrides(demo_data, run_dir, "trainer.max_steps=3", "export=false", *options))
@@ -102,8 +115,9 @@ def test_open_clip_loads_the_exported_image_text_towers(demo_run):
     folder = run_dir / "export" / "open_clip"
     by_dir, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     open_clip.add_model_config(folder / "contrastive-image-text.json")
-    by_name, _, _ = open_clip.create_model_and_transforms("contrastive-image-text",
-                                                         pretrained=str(folder / "open_clip_model.safetensors"))
+    by_name, _, _ = open_clip.create_model_and_transforms(
+        "contrastive-image-text", pretrained=str(folder / "open_clip_model.safetensors")
+    )
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     images = [Image.fromarray((torch.rand(40, 30, 3) * 255).byte().numpy()) for _ in range(3)]
     captions = ["the digit seven", "a photo of the number two", "nine"]
@@ -114,4 +128,5 @@ def test_open_clip_loads_the_exported_image_text_towers(demo_run):
         assert torch.allclose(img, ours.embed("image", images), atol=1e-5)
         assert torch.allclose(txt, ours.embed("text", captions), atol=1e-5)
         assert clip.logit_scale.exp().item() == pytest.approx(
-            json.loads((run_dir / "export" / "config.json").read_text())["logit_scale"]["image-text"], rel=1e-5)
+            json.loads((run_dir / "export" / "config.json").read_text())["logit_scale"]["image-text"], rel=1e-5
+        )

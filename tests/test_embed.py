@@ -29,8 +29,18 @@ def setup(tmp_path_factory):
 
 
 def embed_cmd(model, data, out, *extra):
-    return [str(BIN / "contrastive-embed"), "embed", str(model), "--data", str(data), "--out", str(out),
-            "--batch-size", "8", *extra]
+    return [
+        str(BIN / "contrastive-embed"),
+        "embed",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        *extra,
+    ]
 
 
 def test_interrupted_embedding_resumes_without_recomputing(setup):
@@ -66,8 +76,18 @@ def test_ranks_split_the_shards_and_search_finds_neighbours(setup):
     emb, keys, _ = load_embeddings(out, "text")
     assert emb.shape == (400, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
-    found = run_cli("contrastive-embed", "search", "--index", str(out), "--query", "sample number 17",
-                    "--modality", "text", "-k", "3")
+    found = run_cli(
+        "contrastive-embed",
+        "search",
+        "--index",
+        str(out),
+        "--query",
+        "sample number 17",
+        "--modality",
+        "text",
+        "-k",
+        "3",
+    )
     lines = found.stdout.strip().splitlines()
     assert lines[0].startswith("text 'sample number 17' -> nearest text of 400")
     assert "s00017" in lines[1]  # its own caption is the nearest text

@@ -46,9 +46,11 @@ def test_metrics_with_a_pair_lacking_samples():
     text = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0]])
     embedded = {
         "embeddings": {"image": image, "audio": audio, "text": text},
-        "mask": {"image": torch.tensor([True, True, True, True]),
-                 "audio": torch.tensor([True, False, True, False]),  # two samples lack audio
-                 "text": torch.tensor([True, True, True, True])},
+        "mask": {
+            "image": torch.tensor([True, True, True, True]),
+            "audio": torch.tensor([True, False, True, False]),  # two samples lack audio
+            "text": torch.tensor([True, True, True, True]),
+        },
         "labels": ["cat", "dog", "cat", "dog"],
     }
     m = compute_metrics(FixedTextModel(), embedded, prompts=["a {label}"], text_modality="text")

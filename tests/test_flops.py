@@ -11,9 +11,13 @@ from contrastive.model import ContrastiveModel
 
 def test_training_flops_are_forward_and_backward_of_every_matmul():
     width, layers, patch, size = 64, 2, 8, 32
-    mods = build_modalities(["image", "text"], {"image": dict(image_size=size, patch_size=patch, width=width,
-                                                              layers=layers, head_width=32),
-                                                "text": dict(context_length=16, width=64, heads=2, layers=2)})
+    mods = build_modalities(
+        ["image", "text"],
+        {
+            "image": dict(image_size=size, patch_size=patch, width=width, layers=layers, head_width=32),
+            "text": dict(context_length=16, width=64, heads=2, layers=2),
+        },
+    )
     model = ContrastiveModel(mods, embed_dim=16)
     tokens = (size // patch) ** 2 + 1
     # forward + backward (2x forward: input and weight gradients) of every matmul. Per layer: qkv and

@@ -48,8 +48,14 @@ def vec_samples(n: int, seed: int) -> list[dict]:
         v = np.zeros(8, dtype=np.float32)
         v[c] = 2.0
         v += rng.normal(0, 0.3, 8).astype(np.float32)
-        out.append({"__key__": f"v{seed}-{i:04d}", "vec": v.tobytes(), "txt": f"something {COLOURS[c]}",
-                    "json": {"label": COLOURS[c]}})
+        out.append(
+            {
+                "__key__": f"v{seed}-{i:04d}",
+                "vec": v.tobytes(),
+                "txt": f"something {COLOURS[c]}",
+                "json": {"label": COLOURS[c]},
+            }
+        )
     return out
 
 
@@ -62,10 +68,20 @@ def test_a_fourth_modality_trains_through_the_cli(tmp_path):
     write_dataset(tmp_path / "eval", vec_samples(40, 1), shard_size=40)
     run_dir = tmp_path / "run"
     run_cli(
-        "contrastive-train", "experiment=demo", "debug=smoke", "modalities=[vec,text]", "imports=[test_fourth_modality]",
-        f"data.train={tmp_path / 'train'}", f"data.eval={tmp_path / 'eval'}", f"hydra.run.dir={run_dir}",
-        "trainer.max_steps=60", "trainer.log_every=10", "data.batch_size=16", "trainer.threads=1",
-        "optim.scheduler.warmup_steps=5", "eval.prompts=['something {label}']",
+        "contrastive-train",
+        "experiment=demo",
+        "debug=smoke",
+        "modalities=[vec,text]",
+        "imports=[test_fourth_modality]",
+        f"data.train={tmp_path / 'train'}",
+        f"data.eval={tmp_path / 'eval'}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_steps=60",
+        "trainer.log_every=10",
+        "data.batch_size=16",
+        "trainer.threads=1",
+        "optim.scheduler.warmup_steps=5",
+        "eval.prompts=['something {label}']",
         env={"PYTHONPATH": str(REPO / "tests")},
     )
     rows = read_jsonl(run_dir / "metrics.jsonl")

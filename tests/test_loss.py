@@ -99,8 +99,12 @@ def test_pairs_are_summed_with_weights():
     emb = {"image": unit(5, 8, 9), "text": unit(5, 8, 10), "audio": unit(5, 8, 11)}
     mask = {k: torch.ones(5, dtype=torch.bool) for k in emb}
     mask["audio"][0] = False
-    loss_fn = ContrastiveLoss(InfoNCESettings(pairs=[["image", "text"], ["audio", "text"]],
-                                              temperature=Temperature(0.1), weights={"audio-text": 0.5}), list(emb))
+    loss_fn = ContrastiveLoss(
+        InfoNCESettings(
+            pairs=[["image", "text"], ["audio", "text"]], temperature=Temperature(0.1), weights={"audio-text": 0.5}
+        ),
+        list(emb),
+    )
     total, logs = loss_fn(emb, mask)
     it = info_nce(emb["image"], emb["text"], mask["image"] & mask["text"], torch.tensor(10.0))
     at = info_nce(emb["audio"], emb["text"], mask["audio"] & mask["text"], torch.tensor(10.0))

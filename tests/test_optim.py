@@ -17,8 +17,13 @@ def groups(**kwargs):
     torch.manual_seed(0)
     objective = build_objective(tiny_modalities(("image", "audio", "text")), embed_dim=16)
     names = {id(p): n for n, p in objective.named_parameters()}
-    opt, _ = build_optimizer(objective, optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
-                             scheduler=None, total_steps=10, **kwargs)
+    opt, _ = build_optimizer(
+        objective,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+        scheduler=None,
+        total_steps=10,
+        **kwargs,
+    )
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}, set(names.values())
@@ -31,8 +36,12 @@ def test_no_decay_on_biases_norms_embeddings_temperatures():
     for name in decay:
         assert name.endswith(("weight", "proj", "projection", "in_proj_weight")), name
         assert not any(k in name for k in ("bias", "ln", "norm", "embedding", "logit_scale")), name
-    for must in ("model.encoders.text.token_embedding.weight", "model.encoders.text.positional_embedding",
-                 "model.encoders.image.class_embedding", "model.encoders.image.positional_embedding"):
+    for must in (
+        "model.encoders.text.token_embedding.weight",
+        "model.encoders.text.positional_embedding",
+        "model.encoders.image.class_embedding",
+        "model.encoders.image.positional_embedding",
+    ):
         assert must in no_decay
     assert any("logit_scale" in n for n in no_decay) and any(n.endswith("bias") for n in no_decay)
     assert any(".ln_" in n for n in no_decay)

@@ -52,21 +52,34 @@ def wheel_venv(tmp_path_factory) -> Path:
 
 
 def test_the_wheel_trains_the_demo_from_an_unrelated_directory(wheel_venv, demo_data, tmp_path):
-    where = run([str(wheel_venv / "bin" / "python"), "-c", "import contrastive; print(contrastive.__file__)"],
-                cwd=tmp_path).stdout
+    where = run(
+        [str(wheel_venv / "bin" / "python"), "-c", "import contrastive; print(contrastive.__file__)"], cwd=tmp_path
+    ).stdout
     assert where.startswith(str(wheel_venv)) and "site-packages" in where  # not the checkout, not editable
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    run([str(wheel_venv / "bin" / "contrastive-train"), "experiment=demo", "trainer.max_steps=20",
-         f"data.train={demo_data / 'train'}", f"data.eval={demo_data / 'heldout'}", "data.batch_size=16",
-         "hydra.run.dir=run"], cwd=elsewhere, env={**os.environ, "PYTHONPATH": ""})
+    run(
+        [
+            str(wheel_venv / "bin" / "contrastive-train"),
+            "experiment=demo",
+            "trainer.max_steps=20",
+            f"data.train={demo_data / 'train'}",
+            f"data.eval={demo_data / 'heldout'}",
+            "data.batch_size=16",
+            "hydra.run.dir=run",
+        ],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     rows = read_jsonl(elsewhere / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [20]
     assert "eval/zero_shot/image->text/acc" in rows[-1]
     assert (elsewhere / "run" / "export" / "model.safetensors").exists()
 
-    script = run([str(wheel_venv / "bin" / "contrastive-submit"), "--dry-run", "experiment=demo",
-                  "hydra.run.dir=job"], cwd=elsewhere).stdout
+    script = run(
+        [str(wheel_venv / "bin" / "contrastive-submit"), "--dry-run", "experiment=demo", "hydra.run.dir=job"],
+        cwd=elsewhere,
+    ).stdout
     assert "#SBATCH --requeue" in script and "-m contrastive.cli.train" in script
     assert str(wheel_venv / "bin" / "python") in script
 
@@ -78,6 +91,12 @@ def test_a_user_config_directory_joins_through_the_search_path(tmp_path):
     searchpath = f"hydra.searchpath=[file://{mine}]"
     printed = run_cli("contrastive-train", searchpath, "experiment=mine", "--cfg", "job", cwd=tmp_path).stdout
     assert "max_steps: 3" in printed and "my digit {label}" in printed and "embed_dim: 64" in printed
-    script = run_cli("contrastive-submit", "--dry-run", searchpath, "experiment=mine",
-                     f"hydra.run.dir={tmp_path / 'job'}", cwd=tmp_path).stdout
+    script = run_cli(
+        "contrastive-submit",
+        "--dry-run",
+        searchpath,
+        "experiment=mine",
+        f"hydra.run.dir={tmp_path / 'job'}",
+        cwd=tmp_path,
+    ).stdout
     assert "#SBATCH --nodes=1" in script

@@ -18,9 +18,18 @@ def losses(run_dir):
 
 
 def train(launcher, demo, run_dir, *extra):
-    args = tiny_overrides(demo, run_dir, "data.eval=null", "export=false", "trainer.record_keys=true",
-                          "trainer.log_every=1", "data.batch_size=16", "data.num_workers=2",
-                          "data.shuffle_buffer=32", *extra)
+    args = tiny_overrides(
+        demo,
+        run_dir,
+        "data.eval=null",
+        "export=false",
+        "trainer.record_keys=true",
+        "trainer.log_every=1",
+        "data.batch_size=16",
+        "data.num_workers=2",
+        "data.shuffle_buffer=32",
+        *extra,
+    )
     if launcher == "torchrun":
         return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args)
     return run_cli("contrastive-train", *args)

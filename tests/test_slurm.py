@@ -24,8 +24,10 @@ def slurm(tmp_path_factory):
     if shutil.which("slurmctld") is None:
         subprocess.run(["bash", str(CLUSTER), "install"], capture_output=True)
     if shutil.which("slurmctld") is None or shutil.which("munged") is None:
-        pytest.skip("SLURM cannot be installed on this machine (no slurmctld/munged after apt-get); "
-                    "scripts/test.sh installs them where apt-get works")
+        pytest.skip(
+            "SLURM cannot be installed on this machine (no slurmctld/munged after apt-get); "
+            "scripts/test.sh installs them where apt-get works"
+        )
     if os.geteuid() != 0:
         pytest.skip("a local SLURM cluster needs root (slurmd), and this test run is not root")
     directory = tmp_path_factory.mktemp("slurm")
@@ -64,13 +66,30 @@ def finished(job: str) -> bool:
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
-    proc = run_cli("contrastive-submit", "--dry-run", "experiment=demo", "launcher=slurm_multinode",
-                   "launcher.nodes=3", "launcher.partition=gpu", "launcher.account=vision",
-                   "launcher.sbatch=['--qos=high']", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli(
+        "contrastive-submit",
+        "--dry-run",
+        "experiment=demo",
+        "launcher=slurm_multinode",
+        "launcher.nodes=3",
+        "launcher.partition=gpu",
+        "launcher.account=vision",
+        "launcher.sbatch=['--qos=high']",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     script = proc.stdout
-    for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --qos=high", "#SBATCH --requeue",
-                 "#SBATCH --signal=USR1@120", 'scontrol show hostnames "$SLURM_JOB_NODELIST"', "resume=latest"):
+    for line in (
+        "#SBATCH --nodes=3",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=vision",
+        "#SBATCH --qos=high",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR1@120",
+        'scontrol show hostnames "$SLURM_JOB_NODELIST"',
+        "resume=latest",
+    ):
         assert line in script
     assert not (tmp_path / "run").exists()
 
@@ -78,8 +97,13 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
 def test_submit_runs_the_demo_as_a_two_task_job(slurm, demo_data, tmp_path):
     run_dir = tmp_path / "run"
     # trainer.progress=true: the bar is asked for, but the job's stdout is a file, so it logs lines
-    job = submit(run_dir, *tiny_overrides(demo_data, run_dir), "trainer.max_steps=6", "trainer.progress=true",
-                 "trainer.log_every=2")
+    job = submit(
+        run_dir,
+        *tiny_overrides(demo_data, run_dir),
+        "trainer.max_steps=6",
+        "trainer.progress=true",
+        "trainer.log_every=2",
+    )
     wait_for(lambda: finished(job), 300, f"job {job} to finish")
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert job_info(job)["JobState"] == "COMPLETED", log[-3000:]
@@ -88,30 +112,45 @@ def test_submit_runs_the_demo_as_a_two_task_job(slurm, demo_data, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
     assert "eval/zero_shot/image->text/acc" in rows[-1] and (run_dir / "export" / "model.safetensors").exists()
     assert len(re.findall(r"data.train: 160 samples in 4 shards, 2 ranks", log)) == 2  # two ranks, one job
-    lines = re.findall(r"step (\d)/6 \(\d+%\) \| epoch \d \| loss [\d.]+ \(image-audio [\d.]+, image-text [\d.]+, "
-                       r"audio-text [\d.]+\) \| lr [\d.e+-]+ \| \d+ samples/s \| data wait \d+% \| MFU [\d.]+% \| "
-                       r"ETA [\dhms]+", log)
+    lines = re.findall(
+        r"step (\d)/6 \(\d+%\) \| epoch \d \| loss [\d.]+ \(image-audio [\d.]+, image-text [\d.]+, "
+        r"audio-text [\d.]+\) \| lr [\d.e+-]+ \| \d+ samples/s \| data wait \d+% \| MFU [\d.]+% \| "
+        r"ETA [\dhms]+",
+        log,
+    )
     assert lines == ["2", "4", "6"], log[-3000:]  # from rank 0 only, every log_every steps
     assert "\r" not in log  # no progress bar redraws in the file
 
 
 def signal_and_wait_for_requeue(job: str, restarts: int) -> None:
     subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends
-    wait_for(lambda: int(job_info(job).get("Restarts", 0)) == restarts and job_info(job)["JobState"] == "PENDING",
-             120, f"job {job} to requeue itself")
+    wait_for(
+        lambda: int(job_info(job).get("Restarts", 0)) == restarts and job_info(job)["JobState"] == "PENDING",
+        120,
+        f"job {job} to requeue itself",
+    )
     # SLURM holds a requeued job for two minutes before it may start again; once the node has
     # finished with its first run (starting it earlier fails its launch: "credential revoked"), let
     # it start now.
-    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() == "idle",
-             120, "the node to finish with the job's previous run")
+    wait_for(
+        lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() == "idle",
+        120,
+        "the node to finish with the job's previous run",
+    )
     time.sleep(1)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, demo_data, tmp_path):
     total = 40
-    common = ["data.eval=null", "export=false", f"trainer.max_steps={total}", "trainer.log_every=1",
-              "data.batch_size=8", "trainer.record_keys=true"]
+    common = [
+        "data.eval=null",
+        "export=false",
+        f"trainer.max_steps={total}",
+        "trainer.log_every=1",
+        "data.batch_size=8",
+        "trainer.record_keys=true",
+    ]
     run_dir = tmp_path / "run"
     job = submit(run_dir, *tiny_overrides(demo_data, run_dir), *common)
     metrics = run_dir / "metrics.jsonl"
@@ -138,8 +177,15 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, demo_data, tm
 
     # Every step trained exactly once, on exactly the samples of an uninterrupted 2-rank run.
     reference = tmp_path / "reference"
-    run_cli("torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"),
-            *tiny_overrides(demo_data, reference), *common)
+    run_cli(
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(BIN / "contrastive-train"),
+        *tiny_overrides(demo_data, reference),
+        *common,
+    )
     for r in range(2):
         got = read_jsonl(run_dir / "keys" / f"rank{r}.jsonl")
         want = read_jsonl(reference / "keys" / f"rank{r}.jsonl")

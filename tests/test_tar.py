@@ -46,8 +46,9 @@ def with_tarfile(path):
         return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
 
 
-@pytest.mark.parametrize("fmt,mtime", [(tarfile.GNU_FORMAT, 0), (tarfile.PAX_FORMAT, 0),
-                                       (tarfile.PAX_FORMAT, 1.5e9 + 0.25)])  # float mtime: a pax header per member
+@pytest.mark.parametrize(
+    "fmt,mtime", [(tarfile.GNU_FORMAT, 0), (tarfile.PAX_FORMAT, 0), (tarfile.PAX_FORMAT, 1.5e9 + 0.25)]
+)  # float mtime: a pax header per member
 def test_reads_what_tarfile_reads(tmp_path, fmt, mtime):
     path = write(tmp_path / "a.tar", fmt, mtime=mtime)
     assert list(iter_tar_members(str(path))) == with_tarfile(path) == MEMBERS
@@ -92,8 +93,8 @@ def test_bad_archives_raise_read_error(tmp_path):
     corrupt = bytearray(data)
     corrupt[txt.offset + 10] ^= 0xFF  # a byte of a later header's name: its checksum no longer matches
     cases = {
-        "truncated in a member": data[:png.offset_data + 100],
-        "truncated in a header": data[:txt.offset + 100],
+        "truncated in a member": data[: png.offset_data + 100],
+        "truncated in a header": data[: txt.offset + 100],
         "bad header": bytes(corrupt),
         "empty": b"",
         "not a tar": b"<html>not found</html>" * 100,

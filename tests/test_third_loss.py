@@ -59,10 +59,21 @@ def test_dcl_with_the_positive_kept_is_infonce():
 
 def test_a_loss_defined_in_a_test_file_trains_through_the_cli(demo_data, tmp_path):
     run_dir = tmp_path / "run"
-    run_cli("contrastive-train", *tiny_overrides(demo_data, run_dir, "imports=[test_third_loss]", "loss=dcl",
-                                                 "modalities=[image,text]", "trainer.max_steps=40",
-                                                 "optim.scheduler.warmup_steps=2", "export=false", "data.eval=null"),
-            env={"PYTHONPATH": str(REPO / "tests")})
+    run_cli(
+        "contrastive-train",
+        *tiny_overrides(
+            demo_data,
+            run_dir,
+            "imports=[test_third_loss]",
+            "loss=dcl",
+            "modalities=[image,text]",
+            "trainer.max_steps=40",
+            "optim.scheduler.warmup_steps=2",
+            "export=false",
+            "data.eval=null",
+        ),
+        env={"PYTHONPATH": str(REPO / "tests")},
+    )
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     losses = [r["loss"] for r in rows]
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -73,9 +84,9 @@ def test_a_loss_defined_in_a_test_file_trains_through_the_cli(demo_data, tmp_pat
 
 @pytest.mark.parametrize("override", ["loss.tile_size=8", "+loss.tile_size=8"])
 def test_a_setting_the_chosen_loss_does_not_take_is_refused_with_its_name(demo_data, tmp_path, override):
-    proc = run_cli("contrastive-train", *tiny_overrides(demo_data, tmp_path / "run", "loss=siglip", override),
-                   check=False)
+    proc = run_cli(
+        "contrastive-train", *tiny_overrides(demo_data, tmp_path / "run", "loss=siglip", override), check=False
+    )
     assert proc.returncode != 0
     assert "tile_size" in proc.stderr and "SigLIPSettings" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-

@@ -30,24 +30,35 @@ def test_freeze_all_and_unlock_last_blocks():
     freeze_tower("image", image, 0)
     assert trainable(image) == set()
     freeze_tower("image", image, 1)
-    assert trainable(image) == {n for n, _ in image.named_parameters()
-                                if n.startswith(("transformer.resblocks.1.", "ln_post.", "proj"))}
+    assert trainable(image) == {
+        n for n, _ in image.named_parameters() if n.startswith(("transformer.resblocks.1.", "ln_post.", "proj"))
+    }
     freeze_tower("audio", audio, 1)  # timm's ViT: blocks, then norm and head
-    assert trainable(audio) == {n for n, _ in audio.named_parameters() if n.startswith(("blocks.1.", "norm.", "fc_norm.", "head."))}
+    assert trainable(audio) == {
+        n for n, _ in audio.named_parameters() if n.startswith(("blocks.1.", "norm.", "fc_norm.", "head."))
+    }
     assert trainable(obj.model.encoders["text"])  # other towers untouched
 
 
 def test_init_from_our_export_and_from_open_clip(tmp_path):
     source = objective(seed=1)
     export_model(source.model, tmp_path / "export")
-    clip = open_clip.CLIP(16, open_clip.model.CLIPVisionCfg(**source.model.modalities["image"].open_clip_vision_cfg),
-                          open_clip.model.CLIPTextCfg(**source.model.modalities["text"].open_clip_text_cfg))
+    clip = open_clip.CLIP(
+        16,
+        open_clip.model.CLIPVisionCfg(**source.model.modalities["image"].open_clip_vision_cfg),
+        open_clip.model.CLIPTextCfg(**source.model.modalities["text"].open_clip_text_cfg),
+    )
     torch.save(clip.state_dict(), tmp_path / "open_clip.pt")
 
     target = objective(seed=2)
-    apply_tower_settings(target.model, {"audio": {"init": str(tmp_path / "export")},
-                                        "image": {"init": str(tmp_path / "open_clip.pt"), "freeze": True},
-                                        "text": {"init": str(tmp_path / "open_clip.pt")}})
+    apply_tower_settings(
+        target.model,
+        {
+            "audio": {"init": str(tmp_path / "export")},
+            "image": {"init": str(tmp_path / "open_clip.pt"), "freeze": True},
+            "text": {"init": str(tmp_path / "open_clip.pt")},
+        },
+    )
     for k, v in source.model.encoders["audio"].state_dict().items():
         assert torch.equal(target.model.encoders["audio"].state_dict()[k], v)
     for k, v in clip.visual.state_dict().items():
@@ -68,12 +79,16 @@ def test_tower_errors_are_named(tmp_path):
 
 
 # compile through dynamo with the eager backend: the wiring is real, without inductor's build time
-@pytest.mark.parametrize("setting", [{"grad_checkpointing": True}, {"compile": {"backend": "eager"}}],
-                         ids=["grad_checkpointing", "compile"])
+@pytest.mark.parametrize(
+    "setting", [{"grad_checkpointing": True}, {"compile": {"backend": "eager"}}], ids=["grad_checkpointing", "compile"]
+)
 def test_tower_settings_give_the_same_gradients(setting):
-    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 16)),
-             "audio": torch.randn(4, *tiny_modalities(("audio",))["audio"].empty().shape),
-             "mask": {m: torch.ones(4, dtype=torch.bool) for m in TINY}}
+    batch = {
+        "image": torch.randn(4, 3, 32, 32),
+        "text": torch.randint(1, 100, (4, 16)),
+        "audio": torch.randn(4, *tiny_modalities(("audio",))["audio"].empty().shape),
+        "mask": {m: torch.ones(4, dtype=torch.bool) for m in TINY},
+    }
     grads = []
     for applied in (False, True):
         obj = objective()

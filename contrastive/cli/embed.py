@@ -42,12 +42,25 @@ def embed(args) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        (args.out / "embed.json").write_text(json.dumps({"model": str(Path(args.model).resolve()), "data": str(data),
-                                                         "modalities": modalities}, indent=1) + "\n")
-    result = embed_shards(model, list_shards(data), args.out, modalities=modalities, batch_size=args.batch_size,
-                          rank=dist.rank, world_size=dist.world_size)
-    print(f"rank {dist.rank}: embedded {result['embedded']} shards, skipped {result['skipped']} finished ones "
-          f"-> {args.out}")
+        (args.out / "embed.json").write_text(
+            json.dumps(
+                {"model": str(Path(args.model).resolve()), "data": str(data), "modalities": modalities}, indent=1
+            )
+            + "\n"
+        )
+    result = embed_shards(
+        model,
+        list_shards(data),
+        args.out,
+        modalities=modalities,
+        batch_size=args.batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    print(
+        f"rank {dist.rank}: embedded {result['embedded']} shards, skipped {result['skipped']} finished ones "
+        f"-> {args.out}"
+    )
     barrier()
     return 0
 
@@ -72,8 +85,9 @@ def search(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="contrastive-embed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="contrastive-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("embed", help="embed every sample of a dataset, per modality")
     e.add_argument("model", type=Path, help="an export directory, a checkpoint or a run directory")

@@ -1,7 +1,7 @@
 """`contrastive-eval`: zero-shot accuracy and retrieval of an exported model (or a checkpoint) on eval shards.
 
-    contrastive-eval runs/demo/export --data data/demo/heldout
-    contrastive-eval runs/demo/checkpoints/step_00000500 --data data/demo/heldout --json metrics.json
+contrastive-eval runs/demo/export --data data/demo/heldout
+contrastive-eval runs/demo/checkpoints/step_00000500 --data data/demo/heldout --json metrics.json
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def load_model(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="contrastive-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="contrastive-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", type=Path, help="an export directory or a checkpoint directory")
     parser.add_argument("--data", required=True, help="eval dataset directory (shards + sizes.json)")
     parser.add_argument("--prompts", nargs="+", help="zero-shot prompt templates with {label}")
@@ -52,8 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     model, stored_prompts = load_model(args.model)
     model.to(dist.device)
     prompts = args.prompts or stored_prompts or list(DEFAULT_PROMPTS)
-    dataset = build_dataset(args.data, model.modalities, DataConfig(eval_batch_size=args.batch_size,
-                            num_workers=args.workers), train=False, rank=dist.rank, world_size=dist.world_size)
+    dataset = build_dataset(
+        args.data,
+        model.modalities,
+        DataConfig(eval_batch_size=args.batch_size, num_workers=args.workers),
+        train=False,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
     with torch.no_grad():
         embedded = embed_dataset(model, dataset, device=dist.device, max_samples=args.max_samples)
     metrics = compute_metrics(model, embedded, prompts=prompts, text_modality=args.text_modality)

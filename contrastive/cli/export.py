@@ -1,7 +1,7 @@
 """`contrastive-export`: a training checkpoint -> a self-contained export directory.
 
-    contrastive-export runs/demo/checkpoints/latest-or-step_dir runs/demo/export
-    contrastive-export runs/demo runs/demo/export          # the run's latest checkpoint
+contrastive-export runs/demo/checkpoints/latest-or-step_dir runs/demo/export
+contrastive-export runs/demo runs/demo/export          # the run's latest checkpoint
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="contrastive-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="contrastive-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its latest)")
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)

@@ -44,8 +44,9 @@ def compose(overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="contrastive-submit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="contrastive-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for contrastive-train")
     args = parser.parse_args(argv)

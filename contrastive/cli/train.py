@@ -84,8 +84,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     torch.manual_seed(trainer.seed)
 
     modalities = build_modalities(cfg.modalities, plain(cfg.modality))
-    objective = build_objective(modalities, embed_dim=cfg.model.embed_dim,
-                                loss=build_loss(list(modalities), typed(cfg.loss)))
+    objective = build_objective(
+        modalities, embed_dim=cfg.model.embed_dim, loss=build_loss(list(modalities), typed(cfg.loss))
+    )
     apply_tower_settings(objective.model, typed(cfg.model).towers)
     objective.to(dist.device)
     optimizer, scheduler = build_optimizer(
@@ -95,10 +96,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         total_steps=trainer.max_steps,
         no_decay=list(cfg.optim.no_decay),
     )
-    engine = Engine(objective, optimizer, scheduler, deepspeed_config(
-        typed(cfg.engine), micro_batch_size=data_cfg.batch_size, world_size=dist.world_size,
-        precision=trainer.precision, grad_clip=cfg.optim.grad_clip, accumulate=trainer.accumulate,
-    ), attention=trainer.attention)
+    engine = Engine(
+        objective,
+        optimizer,
+        scheduler,
+        deepspeed_config(
+            typed(cfg.engine),
+            micro_batch_size=data_cfg.batch_size,
+            world_size=dist.world_size,
+            precision=trainer.precision,
+            grad_clip=cfg.optim.grad_clip,
+            accumulate=trainer.accumulate,
+        ),
+        attention=trainer.attention,
+    )
     if data_cfg.train is None:
         raise DataError("data.train: no training data given (a directory of shards, or a list of them)")
     where = dict(seed=trainer.seed, rank=dist.rank, world_size=dist.world_size)
@@ -112,23 +123,36 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         if meta["data_layout"] != train_set.layout():
             raise DataError(
                 f"resume: the checkpoint's data position is for {meta['data_layout']}, this run has "
-                f"{train_set.layout()}; exact resume needs the same ranks, workers and batch size")
+                f"{train_set.layout()}; exact resume needs the same ranks, workers and batch size"
+            )
         state = TrainState.from_dict(meta["state"])
         set_rng_state(mine["rng"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step,
-                 state.position.epoch, state.position.batch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            checkpoint,
+            state.step,
+            state.position.epoch,
+            state.position.batch,
+        )
 
     config = OmegaConf.to_container(cfg, resolve=True)
     if dist.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    logger = MetricsLogger(run_dir, enabled=dist.is_main, wandb_mode=cfg.logger.wandb, project=cfg.logger.project,
-                           tensorboard=cfg.logger.tensorboard, config=config)
+    logger = MetricsLogger(
+        run_dir,
+        enabled=dist.is_main,
+        wandb_mode=cfg.logger.wandb,
+        project=cfg.logger.project,
+        tensorboard=cfg.logger.tensorboard,
+        config=config,
+    )
     evaluations: dict[int, dict[str, float]] = {}
 
     def evaluate(step: int) -> dict[str, float]:
         embedded = embed_dataset(objective.model, eval_set, device=dist.device, max_samples=cfg.eval.max_samples)
-        metrics = compute_metrics(objective.model, embedded, prompts=list(cfg.eval.prompts),
-                                  text_modality=cfg.eval.text_modality)
+        metrics = compute_metrics(
+            objective.model, embedded, prompts=list(cfg.eval.prompts), text_modality=cfg.eval.text_modality
+        )
         out = evaluations[step] = {f"eval/{k}": v for k, v in metrics.items()}
         if dist.is_main:
             log.info("evaluation at step %d on %s\n%s", step, cfg.data.eval, format_table(metrics))
@@ -136,36 +160,52 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         return out
 
     def save(state: TrainState) -> Path:
-        return save_checkpoint(run_dir, state.step, engine, keep_last=trainer.keep_last, rank_state={"rng": rng_state()},
-                               meta={
-                                   "state": state.to_dict(),
-                                   # each stream's position follows from (epoch, batch) and the layout;
-                                   # written out so a reader sees where every rank and worker stands
-                                   "data_layout": train_set.layout(),
-                                   "data_streams": {r: train_set.stream_position(state.position.batch)
-                                                    for r in range(dist.world_size)},
-                                   "config": config,
-                                   "metrics": evaluations.get(state.step, {}),
-                               })
+        return save_checkpoint(
+            run_dir,
+            state.step,
+            engine,
+            keep_last=trainer.keep_last,
+            rank_state={"rng": rng_state()},
+            meta={
+                "state": state.to_dict(),
+                # each stream's position follows from (epoch, batch) and the layout;
+                # written out so a reader sees where every rank and worker stands
+                "data_layout": train_set.layout(),
+                "data_streams": {r: train_set.stream_position(state.position.batch) for r in range(dist.world_size)},
+                "config": config,
+                "metrics": evaluations.get(state.step, {}),
+            },
+        )
 
     tower_flops = training_flops_per_sample(objective.model)
     peak, peak_source = peak_flops(dist.device, trainer.precision, trainer.peak_tflops)
     if dist.is_main:
-        log.info("training FLOPs per sample: %s (%.3g GFLOP); peak %.3g TFLOP/s per device (%s)",
-                 ", ".join(f"{k} {v / 1e9:.3g} GFLOP" for k, v in tower_flops.items()),
-                 sum(tower_flops.values()) / 1e9, peak / 1e12, peak_source)
+        log.info(
+            "training FLOPs per sample: %s (%.3g GFLOP); peak %.3g TFLOP/s per device (%s)",
+            ", ".join(f"{k} {v / 1e9:.3g} GFLOP" for k, v in tower_flops.items()),
+            sum(tower_flops.values()) / 1e9,
+            peak / 1e12,
+            peak_source,
+        )
     stop = StopRequest()
     hooks = Hooks(
         save=save,
         evaluate=evaluate if eval_set is not None else None,
         stop_requested=stop.requested,
-        check_counts=lambda counts: check_bad_fraction(counts, max_fraction=data_cfg.max_bad_fraction,
-                                                       min_slots=data_cfg.bad_check_after),
+        check_counts=lambda counts: check_bad_fraction(
+            counts, max_fraction=data_cfg.max_bad_fraction, min_slots=data_cfg.bad_check_after
+        ),
         record_keys=KeyRecorder(run_dir, dist.rank) if trainer.record_keys else None,
     )
-    progress = Progress(start_step=state.step, total_steps=trainer.max_steps, world_size=dist.world_size,
-                        flops_per_sample=sum(tower_flops.values()), peak_flops=peak, bar=trainer.progress,
-                        enabled=dist.is_main)
+    progress = Progress(
+        start_step=state.step,
+        total_steps=trainer.max_steps,
+        world_size=dist.world_size,
+        flops_per_sample=sum(tower_flops.values()),
+        peak_flops=peak,
+        bar=trainer.progress,
+        enabled=dist.is_main,
+    )
     stream = batches(train_set, state.position, pin_memory=dist.device.type == "cuda")
     try:
         state = train_loop(engine, stream, state, trainer, hooks, logger, progress)
@@ -174,8 +214,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     final = save(state)
     if state.step < trainer.max_steps:
         why = f"signal {stop.signal}" if stop.signal else "trainer.stop_at_step"
-        log.info("stopped at step %d of %d (%s), checkpoint %s; resume=latest continues from it", state.step,
-                 trainer.max_steps, why, final)
+        log.info(
+            "stopped at step %d of %d (%s), checkpoint %s; resume=latest continues from it",
+            state.step,
+            trainer.max_steps,
+            why,
+            final,
+        )
         logger.close()
         stop.requeue_if_slurm()
         return {}
@@ -187,8 +232,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         write_plots(run_dir, read_metrics(run_dir))
     if dist.is_main:
         bad = {k: v for k, v in state.counts.items() if k.startswith("bad/")}
-        log.info("data: %d samples trained on; bad input skipped and counted: %s; steps skipped for non-finite "
-                 "values: %d", state.counts.get("samples", 0), bad or "none", state.skipped_steps)
+        log.info(
+            "data: %d samples trained on; bad input skipped and counted: %s; steps skipped for non-finite values: %d",
+            state.counts.get("samples", 0),
+            bad or "none",
+            state.skipped_steps,
+        )
         if cfg.export:
             log.info("exported to %s", export_checkpoint(final, run_dir / "export"))
         log.info("run directory: %s", run_dir)

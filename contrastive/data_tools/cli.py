@@ -1,10 +1,10 @@
 """`contrastive-data`: make and inspect datasets in the shard format.
 
-    contrastive-data demo data/demo                        # the built-in demo set (train + heldout)
-    contrastive-data shards OUT --manifest pairs.csv       # columns key,image,audio,text,text_path,label
-    contrastive-data shards OUT --folder raw/ --workers 8  # files paired by stem: dog.jpg dog.flac dog.txt
-    contrastive-data verify OUT                            # decode everything; non-zero exit if corrupt
-    contrastive-data stats OUT                             # coverage, durations, sizes, caption lengths
+contrastive-data demo data/demo                        # the built-in demo set (train + heldout)
+contrastive-data shards OUT --manifest pairs.csv       # columns key,image,audio,text,text_path,label
+contrastive-data shards OUT --folder raw/ --workers 8  # files paired by stem: dog.jpg dog.flac dog.txt
+contrastive-data verify OUT                            # decode everything; non-zero exit if corrupt
+contrastive-data stats OUT                             # coverage, durations, sizes, caption lengths
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="contrastive-data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="contrastive-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write the demo data set (spoken, written and captioned digits)")
     demo.add_argument("out_dir")
@@ -40,8 +41,12 @@ def parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="decode every sample; exit 1 if anything is corrupt")
     verify.add_argument("directory")
-    verify.add_argument("--max-bad-fraction", type=float, default=0.0,
-                        help="corrupt samples tolerated before the exit code is 1 (default: none)")
+    verify.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.0,
+        help="corrupt samples tolerated before the exit code is 1 (default: none)",
+    )
     verify.add_argument("--workers", type=int, default=2)
     verify.add_argument("--json", type=Path, help="write the full report here")
 
@@ -59,23 +64,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from contrastive.data_tools.demo import build_demo
 
-        counts = build_demo(args.out_dir, seed=args.seed, copies=args.copies, max_images=args.max_images,
-                            shard_size=args.shard_size)
-        print(f"demo data in {args.out_dir}: " + ", ".join(f"{k} {v} samples" for k, v in counts.items())
-              + f" ({time.time() - start:.0f} s)")
+        counts = build_demo(
+            args.out_dir, seed=args.seed, copies=args.copies, max_images=args.max_images, shard_size=args.shard_size
+        )
+        print(
+            f"demo data in {args.out_dir}: "
+            + ", ".join(f"{k} {v} samples" for k, v in counts.items())
+            + f" ({time.time() - start:.0f} s)"
+        )
     elif args.command == "shards":
         from contrastive.data_tools.shards import build_shards
 
         try:
-            result = build_shards(args.out_dir, manifest=args.manifest, folder=args.folder, prefix=args.prefix,
-                                  max_count=args.max_count, max_bytes=int(args.max_bytes), workers=args.workers)
+            result = build_shards(
+                args.out_dir,
+                manifest=args.manifest,
+                folder=args.folder,
+                prefix=args.prefix,
+                max_count=args.max_count,
+                max_bytes=int(args.max_bytes),
+                workers=args.workers,
+            )
         except ValueError as e:
             print(f"contrastive-data shards: {e}", file=sys.stderr)
             return 2
         for skipped in result["skipped"][:20]:
             print(f"skipped {skipped}", file=sys.stderr)
-        print(f"{sum(result['sizes'].values())} samples in {len(result['sizes'])} shards in {args.out_dir} "
-              f"({time.time() - start:.0f} s)" + (f"; {len(result['skipped'])} files skipped" if result["skipped"] else ""))
+        print(
+            f"{sum(result['sizes'].values())} samples in {len(result['sizes'])} shards in {args.out_dir} "
+            f"({time.time() - start:.0f} s)"
+            + (f"; {len(result['skipped'])} files skipped" if result["skipped"] else "")
+        )
     elif args.command == "verify":
         from contrastive.data_tools.inspect import format_verify, verify
 

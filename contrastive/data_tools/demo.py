@@ -80,9 +80,19 @@ def random_voice(speakers: list[tuple[str, str]], rng: random.Random) -> Voice:
 def speak(word: str, voice: Voice) -> np.ndarray:
     """The word spoken by espeak-ng, as mono float32 at 16 kHz."""
     wav = subprocess.run(
-        ["espeak-ng", "-v", f"{voice.lang}+{voice.variant}", "-s", str(voice.speed), "-p", str(voice.pitch),
-         "--stdout", word],
-        capture_output=True, check=True,
+        [
+            "espeak-ng",
+            "-v",
+            f"{voice.lang}+{voice.variant}",
+            "-s",
+            str(voice.speed),
+            "-p",
+            str(voice.pitch),
+            "--stdout",
+            word,
+        ],
+        capture_output=True,
+        check=True,
     ).stdout
     data, rate = soundfile.read(io.BytesIO(wav), dtype="float32", always_2d=True)
     data = data.mean(axis=1)
@@ -110,15 +120,21 @@ def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
 
 def build_split(name, images, targets, speakers, templates, copies, drop, rng, out_dir, shard_size):
     """Writes one split: each image appears `copies` times, each time with its own clip and caption."""
-    rows = [(f"{name}-{copy}-{i:05d}", pixels, WORDS[digit], random_voice(speakers, rng))
-            for copy in range(copies) for i, (pixels, digit) in enumerate(zip(images, targets))]
+    rows = [
+        (f"{name}-{copy}-{i:05d}", pixels, WORDS[digit], random_voice(speakers, rng))
+        for copy in range(copies)
+        for i, (pixels, digit) in enumerate(zip(images, targets))
+    ]
     log.info("demo %s: %d samples from %d images, %d speakers", name, len(rows), len(images), len(speakers))
     with ThreadPoolExecutor(max_workers=8) as pool:
         clips = list(pool.map(lambda row: speak(row[2], row[3]), rows))
     samples = []
     for (key, pixels, word, voice), clip in zip(rows, clips):
-        sample = {"__key__": key, "json": {"label": word, "voice": voice.name},
-                  "txt": rng.choice(templates).format(w=word)}
+        sample = {
+            "__key__": key,
+            "json": {"label": word, "voice": voice.name},
+            "txt": rng.choice(templates).format(w=word),
+        }
         img_fmt = "jpg" if rng.random() < 0.3 else "png"
         sample[img_fmt] = encode_image(pixels, img_fmt)
         audio_fmt = "wav" if rng.random() < 0.2 else "flac"
@@ -137,8 +153,9 @@ def build_split(name, images, targets, speakers, templates, copies, drop, rng, o
     return len(samples)
 
 
-def build_demo(out_dir: str | Path, *, seed: int = 0, copies: int = 2, shard_size: int = 400,
-               max_images: int = 0) -> dict[str, int]:
+def build_demo(
+    out_dir: str | Path, *, seed: int = 0, copies: int = 2, shard_size: int = 400, max_images: int = 0
+) -> dict[str, int]:
     """Writes `out_dir/train` and `out_dir/heldout`; returns their sample counts. `max_images` caps
     the training images (the held-out split gets a quarter as many) for quick test sets."""
     if shutil.which("espeak-ng") is None:
@@ -162,9 +179,29 @@ def build_demo(out_dir: str | Path, *, seed: int = 0, copies: int = 2, shard_siz
     for split in ("train", "heldout"):
         shutil.rmtree(out_dir / split, ignore_errors=True)
     counts = {
-        "train": build_split("train", digits.images[train_idx], digits.target[train_idx], train_voices,
-                             TRAIN_CAPTIONS, copies, 0.03, rng, out_dir, shard_size),
-        "heldout": build_split("heldout", digits.images[held_idx], digits.target[held_idx], held_voices,
-                               HELDOUT_CAPTIONS, 1, 0.0, rng, out_dir, shard_size),
+        "train": build_split(
+            "train",
+            digits.images[train_idx],
+            digits.target[train_idx],
+            train_voices,
+            TRAIN_CAPTIONS,
+            copies,
+            0.03,
+            rng,
+            out_dir,
+            shard_size,
+        ),
+        "heldout": build_split(
+            "heldout",
+            digits.images[held_idx],
+            digits.target[held_idx],
+            held_voices,
+            HELDOUT_CAPTIONS,
+            1,
+            0.0,
+            rng,
+            out_dir,
+            shard_size,
+        ),
     }
     return counts

@@ -46,8 +46,15 @@ def verify_shard(path: str) -> dict[str, Any]:
     """One shard's report: samples, per-modality present/corrupt, corrupt entries, shard error."""
     modalities = _modalities()
     known = known_extensions()
-    report: dict[str, Any] = {"shard": Path(path).name, "samples": 0, "present": Counter(), "corrupt": Counter(),
-                              "bad": [], "unknown_extensions": Counter(), "error": None}
+    report: dict[str, Any] = {
+        "shard": Path(path).name,
+        "samples": 0,
+        "present": Counter(),
+        "corrupt": Counter(),
+        "bad": [],
+        "unknown_extensions": Counter(),
+        "error": None,
+    }
     try:
         for sample in iter_tar_samples(path):
             report["samples"] += 1
@@ -66,8 +73,14 @@ def verify_shard(path: str) -> dict[str, Any]:
                     usable += 1
                 except Exception as e:  # noqa: BLE001 - reported, as training would skip it
                     report["corrupt"][name] += 1
-                    report["bad"].append({"shard": report["shard"], "key": key, "modality": name,
-                                          "reason": f"{ext}: {type(e).__name__}: {e}"})
+                    report["bad"].append(
+                        {
+                            "shard": report["shard"],
+                            "key": key,
+                            "modality": name,
+                            "reason": f"{ext}: {type(e).__name__}: {e}",
+                        }
+                    )
             if "json" in sample:
                 try:
                     json.loads(sample["json"].decode("utf-8"))
@@ -75,8 +88,9 @@ def verify_shard(path: str) -> dict[str, Any]:
                     report["bad"].append({"shard": report["shard"], "key": key, "modality": "json", "reason": repr(e)})
             if not usable:
                 report["corrupt"]["empty_sample"] += 1
-                report["bad"].append({"shard": report["shard"], "key": key, "modality": "-",
-                                      "reason": "no usable modality"})
+                report["bad"].append(
+                    {"shard": report["shard"], "key": key, "modality": "-", "reason": "no usable modality"}
+                )
     except (tarfile.TarError, OSError, EOFError) as e:
         report["error"] = f"{'truncated' if report['samples'] else 'unreadable'} after {report['samples']} samples: {e}"
     return report
@@ -101,8 +115,11 @@ def verify(directory: str, *, workers: int = 2, max_bad_fraction: float = 0.0) -
             sizes = json.loads(sizes_path.read_text())
         except ValueError as e:
             problems.append(f"{SIZES_FILE} is unreadable: {e}")
-    mismatch = {s["shard"]: {"sizes_json": sizes.get(s["shard"]), "actual": s["samples"]}
-                for s in shards if sizes and sizes.get(s["shard"]) != s["samples"]}
+    mismatch = {
+        s["shard"]: {"sizes_json": sizes.get(s["shard"]), "actual": s["samples"]}
+        for s in shards
+        if sizes and sizes.get(s["shard"]) != s["samples"]
+    }
     extra = sorted(set(sizes) - {s["shard"] for s in shards}) if sizes else []
     total = sum(s["samples"] for s in shards)
     bad_samples = len({(b["shard"], b["key"]) for s in shards for b in s["bad"]})
@@ -120,8 +137,13 @@ def verify(directory: str, *, workers: int = 2, max_bad_fraction: float = 0.0) -
         "unknown_extensions": dict(sum((s["unknown_extensions"] for s in shards), Counter())),
         "problems": problems,
     }
-    ok = (not report["broken_shards"] and not mismatch and not extra and not problems
-          and bad_samples <= max_bad_fraction * max(total, 1))
+    ok = (
+        not report["broken_shards"]
+        and not mismatch
+        and not extra
+        and not problems
+        and bad_samples <= max_bad_fraction * max(total, 1)
+    )
     return report, ok
 
 
@@ -207,7 +229,12 @@ def stats(directory: str, *, max_samples: int = 0) -> dict[str, Any]:
 def format_stats(s: dict[str, Any]) -> str:
     lines = [f"{s['samples']} samples"]
     lines += [f"  {k:<8} in {v:6.1%} of samples" for k, v in s["coverage"].items()]
-    for key, unit in (("audio_seconds", "s"), ("image_width", "px"), ("image_height", "px"), ("caption_words", "words")):
+    for key, unit in (
+        ("audio_seconds", "s"),
+        ("image_width", "px"),
+        ("image_height", "px"),
+        ("caption_words", "words"),
+    ):
         v = s[key]
         if v:
             lines.append(f"  {key:<14} min {v['min']:.3g}  median {v['median']:.3g}  max {v['max']:.3g} {unit}")

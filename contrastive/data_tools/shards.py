@@ -141,9 +141,16 @@ def _write(job: tuple[Path, list[Item]]) -> int:
     return len(samples)
 
 
-def build_shards(out_dir: str | os.PathLike, *, manifest: str | None = None, folder: str | None = None,
-                 prefix: str = "part", max_count: int = 1000, max_bytes: int = 1 << 30,
-                 workers: int = 4) -> dict[str, Any]:
+def build_shards(
+    out_dir: str | os.PathLike,
+    *,
+    manifest: str | None = None,
+    folder: str | None = None,
+    prefix: str = "part",
+    max_count: int = 1000,
+    max_bytes: int = 1 << 30,
+    workers: int = 4,
+) -> dict[str, Any]:
     """Plans and writes the shards; returns {"sizes": ..., "skipped": [...]} or raises ValueError."""
     if (manifest is None) == (folder is None):
         raise ValueError("give exactly one of --manifest and --folder")

@@ -7,6 +7,21 @@ from contrastive.loss.module import ContrastiveLoss, loss_settings
 from contrastive.loss.pairs import Pair, pair_name, resolve_pairs
 from contrastive.loss.siglip import SigLIP, SigLIPSettings, sigmoid_loss
 
-__all__ = ["LOSSES", "ContrastiveLoss", "InfoNCE", "InfoNCESettings", "LossSettings", "Pair", "PairLoss", "SigLIP",
-           "SigLIPSettings", "Temperature", "info_nce", "loss_settings", "pair_name", "register_loss", "resolve_pairs",
-           "sigmoid_loss"]
+__all__ = [
+    "LOSSES",
+    "ContrastiveLoss",
+    "InfoNCE",
+    "InfoNCESettings",
+    "LossSettings",
+    "Pair",
+    "PairLoss",
+    "SigLIP",
+    "SigLIPSettings",
+    "Temperature",
+    "info_nce",
+    "loss_settings",
+    "pair_name",
+    "register_loss",
+    "resolve_pairs",
+    "sigmoid_loss",
+]

@@ -68,16 +68,18 @@ class PairLoss(nn.Module, ABC):
         self.max_logit_scale = temperature.max_logit_scale
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor
         # cannot be viewed as (open_clip's `nonscalar_logit_scale` exists for the same reason).
-        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature.init)]),
-                                        requires_grad=temperature.learnable)
+        self.logit_scale = nn.Parameter(
+            torch.tensor([math.log(1.0 / temperature.init)]), requires_grad=temperature.learnable
+        )
 
     def scale(self) -> torch.Tensor:
         """The logit scale, exp(param) clamped at its maximum, as a scalar."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
 
     @abstractmethod
-    def forward(self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor,
-                label_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, label_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """This rank's share of the pair's loss: summed over ranks, the loss of the global batch.
 
         a, b: [n, d] unit-norm embeddings of this rank's n samples (n is the same on every rank);
@@ -108,12 +110,16 @@ def loss_class(settings: LossSettings) -> type[PairLoss]:
     """The registered loss that `settings` are for (by their name, or else by their type)."""
     if settings.name:
         if settings.name not in LOSSES:
-            raise ConfigError(f"loss.name: unknown loss {settings.name!r}; registered: {sorted(LOSSES)}. A loss "
-                              "defined in your own module is registered by importing it: imports=[your.module]")
+            raise ConfigError(
+                f"loss.name: unknown loss {settings.name!r}; registered: {sorted(LOSSES)}. A loss "
+                "defined in your own module is registered by importing it: imports=[your.module]"
+            )
         cls = LOSSES[settings.name]
         if not isinstance(settings, cls.settings):
-            raise ConfigError(f"loss.name={settings.name}, but the settings are {type(settings).__name__}: choose "
-                              f"a loss with loss={settings.name}, which brings its own settings")
+            raise ConfigError(
+                f"loss.name={settings.name}, but the settings are {type(settings).__name__}: choose "
+                f"a loss with loss={settings.name}, which brings its own settings"
+            )
         return cls
     matches = [cls for cls in LOSSES.values() if type(settings) is cls.settings]
     if len(matches) != 1:

@@ -61,8 +61,13 @@ class TiledCrossEntropy(torch.autograd.Function):
     def _block(rows, cols, scale, col_valid, targets, row_labels, col_labels, r0, r1, c0, c1):
         logits = torch.mm(rows[r0:r1], cols[c0:c1].T).mul_(scale)
         if row_labels is not None or not bool(col_valid[c0:c1].all()):
-            dead = dead_columns(col_valid[c0:c1], None if row_labels is None else row_labels[r0:r1],
-                                None if col_labels is None else col_labels[c0:c1], targets[r0:r1], c0)
+            dead = dead_columns(
+                col_valid[c0:c1],
+                None if row_labels is None else row_labels[r0:r1],
+                None if col_labels is None else col_labels[c0:c1],
+                targets[r0:r1],
+                c0,
+            )
             logits.masked_fill_(dead, NEG)
         return logits
 
@@ -74,19 +79,28 @@ class TiledCrossEntropy(torch.autograd.Function):
             r1 = min(r0 + tile, n)
             for c0 in range(0, total, tile):
                 c1 = min(c0 + tile, total)
-                yield r0, r1, c0, c1, TiledCrossEntropy._block(rows, cols, scale, col_valid, targets, row_labels,
-                                                               col_labels, r0, r1, c0, c1)
+                yield (
+                    r0,
+                    r1,
+                    c0,
+                    c1,
+                    TiledCrossEntropy._block(
+                        rows, cols, scale, col_valid, targets, row_labels, col_labels, r0, r1, c0, c1
+                    ),
+                )
 
     @staticmethod
     def forward(ctx, rows, cols, scale, col_valid, targets, row_labels, col_labels, tile: int):
         lse = torch.full((rows.shape[0],), float("-inf"), device=rows.device, dtype=rows.dtype)
         with torch.no_grad():
-            for r0, r1, _, _, logits in TiledCrossEntropy._blocks(rows, cols, scale, col_valid, targets, row_labels,
-                                                                  col_labels, tile):
+            for r0, r1, _, _, logits in TiledCrossEntropy._blocks(
+                rows, cols, scale, col_valid, targets, row_labels, col_labels, tile
+            ):
                 lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(logits, dim=1))
             positive = scale * (rows * cols[targets]).sum(dim=1)
-        ctx.save_for_backward(rows, cols, scale, col_valid, targets, lse,
-                              *(t for t in (row_labels, col_labels) if t is not None))
+        ctx.save_for_backward(
+            rows, cols, scale, col_valid, targets, lse, *(t for t in (row_labels, col_labels) if t is not None)
+        )
         ctx.tile, ctx.labelled = tile, row_labels is not None
         return lse - positive
 
@@ -95,8 +109,9 @@ class TiledCrossEntropy(torch.autograd.Function):
         rows, cols, scale, col_valid, targets, lse, *labels = ctx.saved_tensors
         row_labels, col_labels = labels if ctx.labelled else (None, None)
         g_rows, g_cols = torch.zeros_like(rows), torch.zeros_like(cols)
-        for r0, r1, c0, c1, p in TiledCrossEntropy._blocks(rows, cols, scale, col_valid, targets, row_labels,
-                                                           col_labels, ctx.tile):
+        for r0, r1, c0, c1, p in TiledCrossEntropy._blocks(
+            rows, cols, scale, col_valid, targets, row_labels, col_labels, ctx.tile
+        ):
             # d loss_i / d logit_ij of the log-sum-exp term: softmax_ij, times the row's weight
             p.sub_(lse[r0:r1, None]).exp_().mul_(grad_loss[r0:r1, None])
             g_rows[r0:r1].addmm_(p, cols[c0:c1])
@@ -138,11 +153,13 @@ def info_nce(
     targets = torch.arange(a.shape[0], device=a.device) + rank() * a.shape[0]
     scale = logit_scale.float()
     if tile_size:
-        ce = (TiledCrossEntropy.apply(a.float(), all_b, scale, all_valid, targets, label_ids, all_labels, tile_size)
-              + TiledCrossEntropy.apply(b.float(), all_a, scale, all_valid, targets, label_ids, all_labels, tile_size))
+        ce = TiledCrossEntropy.apply(
+            a.float(), all_b, scale, all_valid, targets, label_ids, all_labels, tile_size
+        ) + TiledCrossEntropy.apply(b.float(), all_a, scale, all_valid, targets, label_ids, all_labels, tile_size)
     else:
-        ce = (plain_cross_entropy(a.float(), all_b, scale, all_valid, targets, label_ids, all_labels)
-              + plain_cross_entropy(b.float(), all_a, scale, all_valid, targets, label_ids, all_labels))
+        ce = plain_cross_entropy(
+            a.float(), all_b, scale, all_valid, targets, label_ids, all_labels
+        ) + plain_cross_entropy(b.float(), all_a, scale, all_valid, targets, label_ids, all_labels)
     return (ce * valid).sum() / (2 * all_valid.sum().clamp(min=1))
 
 

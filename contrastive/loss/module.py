@@ -70,7 +70,8 @@ class ContrastiveLoss(nn.Module):
                 raise ConfigError(f"loss.{key}: {unknown} are not configured pairs {names}")
         self.weights = {n: float(settings.weights.get(n, 1.0)) for n in names}
         self.losses: Mapping[str, PairLoss] = nn.ModuleDict(
-            {n: cls(settings, pair_temperature(settings, n)) for n in names})
+            {n: cls(settings, pair_temperature(settings, n)) for n in names}
+        )
 
     def scales(self) -> dict[str, torch.Tensor]:
         """Each pair's logit scale (clamped at its maximum), as a scalar."""

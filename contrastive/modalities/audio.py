@@ -94,8 +94,7 @@ class Audio(Modality):
             padded = 1 << (win - 1).bit_length()
             banks, _ = get_mel_banks(self.n_mels, padded, float(self.sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
             banks = torch.nn.functional.pad(banks, (0, 1))  # Kaldi drops the Nyquist bin
-            self._fbank = (win, shift, padded, torch.hann_window(win, periodic=False),
-                           banks.T.contiguous())
+            self._fbank = (win, shift, padded, torch.hann_window(win, periodic=False), banks.T.contiguous())
         win, shift, padded, window, banks = self._fbank
         frames = wave.unfold(0, win, shift)  # [frames, win], Kaldi's snip_edges framing
         frames = frames - frames.mean(dim=1, keepdim=True)

@@ -96,7 +96,5 @@ def build_modality(name: str, **kwargs: Any) -> Modality:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ConfigError(
-            f"modality.{name}: unknown key(s) {unknown}; {cls.__name__} takes {sorted(known)}"
-        )
+        raise ConfigError(f"modality.{name}: unknown key(s) {unknown}; {cls.__name__} takes {sorted(known)}")
     return cls(**kwargs)

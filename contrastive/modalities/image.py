@@ -133,7 +133,7 @@ class Image(Modality):
 
     def from_open_clip(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This tower's weights from an open_clip CLIP state dict (its `visual.*` entries)."""
-        return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        return {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
 
     def to_open_clip(self, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"visual.{k}": v for k, v in tower.items()}

@@ -65,9 +65,12 @@ class Text(Modality):
         the top level (token_embedding, transformer, ln_final, text_projection, ...), CustomTextCLIP
         under `text.`."""
         if any(k.startswith("text.") for k in state):
-            return {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
-        return {k: v for k, v in state.items()
-                if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias", "attn_mask")}
+            return {k[len("text.") :]: v for k, v in state.items() if k.startswith("text.")}
+        return {
+            k: v
+            for k, v in state.items()
+            if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias", "attn_mask")
+        }
 
     def to_open_clip(self, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(tower)
