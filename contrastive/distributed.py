@@ -9,6 +9,7 @@ The backend is NCCL on CUDA and gloo on CPU.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,34 +22,85 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def launcher_env() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun/DeepSpeed or SLURM variables; (0, 0, 1) alone."""
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """The task count of node `node_id` from SLURM_TASKS_PER_NODE ("8(x2)", "2,1", "4(x3),2")."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={tasks_per_node!r} is not in SLURM's format")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def launcher_env() -> tuple[int, int, int, int]:
+    """(rank, local rank, world size, ranks on this node) from torchrun/DeepSpeed or SLURM variables;
+    (0, 0, 1, 1) alone."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+        world = int(env["WORLD_SIZE"])
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world, int(env.get("LOCAL_WORLD_SIZE", world))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 0, 1
+        world = int(env["SLURM_NTASKS"])
+        local = world
+        if "SLURM_TASKS_PER_NODE" in env:
+            local = slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"], int(env.get("SLURM_NODEID", 0)))
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local
+    return 0, 0, 1, 1
+
+
+def choose_device(
+    requested: str, *, local_rank: int, local_world_size: int, visible_gpus: int, visible_env: str | None
+) -> torch.device:
+    """This rank's device from what the process sees: `requested` is auto | cpu | cuda; `visible_gpus`
+    the GPUs this process can see (torch.cuda.device_count()), `visible_env` CUDA_VISIBLE_DEVICES.
+
+    One visible GPU: that one (SLURM's --gpus-per-task=1 shows each task only its own, numbered 0).
+    Several: the local rank's. Fewer than the ranks on the node, but more than one: an error naming
+    CUDA_VISIBLE_DEVICES, the local rank and the count, since ranks would collide on a GPU."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device: expected auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and visible_gpus == 0):
+        return torch.device("cpu")
+    shown = f"CUDA_VISIBLE_DEVICES={visible_env!r}" if visible_env is not None else "CUDA_VISIBLE_DEVICES unset"
+    if visible_gpus == 0:
+        raise RuntimeError(f"trainer.device=cuda, but this process sees no GPU ({shown})")
+    if visible_gpus == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible_gpus or visible_gpus < local_world_size:
+        raise RuntimeError(
+            f"local rank {local_rank} of {local_world_size} on this node sees {visible_gpus} GPUs ({shown}): "
+            f"fewer GPUs than ranks, so ranks would share one. Start one rank per GPU, or give each task its "
+            f"own GPU (launcher.gpus_per_task=1)"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Joins the process group the launcher prepared (if any) and picks this rank's device."""
-    rank, local_rank, world_size = launcher_env()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    rank, local_rank, world_size, local_world_size = launcher_env()
+    visible = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    dev = choose_device(
+        device,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        visible_gpus=visible,
+        visible_env=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     # Whatever started us, the variables torchrun would set (DeepSpeed reads them too).
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world_size))
     if world_size == 1 and not dist.is_initialized():
         # A group of one, so that the training engine (DeepSpeed) runs the same code path alone.
         dist.init_process_group(
@@ -61,7 +113,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
             world_size=world_size,
             device_id=dev if dev.type == "cuda" else None,
         )
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    return DistInfo(
+        rank=rank, local_rank=local_rank, world_size=world_size, device=dev, local_world_size=local_world_size
+    )
 
 
 def world_size() -> int:

@@ -96,14 +96,11 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
 
 def test_submit_runs_the_demo_as_a_two_task_job(slurm, demo_data, tmp_path):
     run_dir = tmp_path / "run"
-    # trainer.progress=true: the bar is asked for, but the job's stdout is a file, so it logs lines
-    job = submit(
-        run_dir,
-        *tiny_overrides(demo_data, run_dir),
-        "trainer.max_steps=6",
-        "trainer.progress=true",
-        "trainer.log_every=2",
-    )
+    # trainer.progress=true: the bar is asked for, but the job's stdout is a file, so it logs lines.
+    # As many loader workers per rank as the node has CPUs: more than the job's 1 CPU a task.
+    workers = os.cpu_count()
+    overrides = ["trainer.max_steps=6", "trainer.progress=true", "trainer.log_every=2", f"data.num_workers={workers}"]
+    job = submit(run_dir, *tiny_overrides(demo_data, run_dir), *overrides)
     wait_for(lambda: finished(job), 300, f"job {job} to finish")
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert job_info(job)["JobState"] == "COMPLETED", log[-3000:]
@@ -119,6 +116,14 @@ def test_submit_runs_the_demo_as_a_two_task_job(slurm, demo_data, tmp_path):
         log,
     )
     assert lines == ["2", "4", "6"], log[-3000:]  # from rank 0 only, every log_every steps
+    # the allocation, once (rank 0), and the warning that the workers lack CPUs, with what to set
+    allocation = re.findall(
+        r"allocation: 1 node x 2 rank\(s\) = 2 rank\(s\) \| GPUs per node: 0 visible, 0 used \| "
+        rf"(\d+) CPU\(s\) per rank for {workers} loader worker\(s\) \| device cpu",
+        log,
+    )
+    assert allocation == [str(os.cpu_count() // 2)], log[:3000]
+    assert log.count(f"launcher.cpus_per_task={workers + 1}") == 1
     assert "\r" not in log  # no progress bar redraws in the file
 
 

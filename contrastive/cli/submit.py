@@ -1,6 +1,6 @@
 """`contrastive-submit`: submit `contrastive-train` as a SLURM job.
 
-    contrastive-submit experiment=demo launcher.tasks_per_node=8 launcher.gpus_per_node=8 launcher.partition=gpu
+    contrastive-submit experiment=demo launcher.gpus_per_node=8 launcher.partition=gpu   # 8 tasks, one per GPU
     contrastive-submit launcher=slurm_multinode launcher.nodes=4 experiment=demo hydra.run.dir=runs/big
     contrastive-submit --dry-run experiment=demo         # print the batch script, submit nothing
 
@@ -51,11 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for contrastive-train")
     args = parser.parse_args(argv)
 
-    from contrastive.launch import render_sbatch
+    from contrastive.launch import render_sbatch, resolve_allocation
+    from contrastive.modalities import ConfigError
 
     cfg, run_dir = compose(args.overrides)
     script = run_dir / "job.sbatch"
-    text = render_sbatch(OmegaConf.to_object(cfg.launcher), run_dir=run_dir, script=script, python=sys.executable)
+    launcher = OmegaConf.to_object(cfg.launcher)
+    try:
+        allocation = resolve_allocation(launcher, num_workers=cfg.data.num_workers)
+    except ConfigError as e:
+        print(f"contrastive-submit: {e}", file=sys.stderr)
+        return 2
+    text = render_sbatch(launcher, allocation, run_dir=run_dir, script=script, python=sys.executable)
     if args.dry_run:
         print(text)
         print(f"# (dry run: nothing written, nothing submitted; run directory would be {run_dir})", file=sys.stderr)

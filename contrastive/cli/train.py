@@ -28,6 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from contrastive.allocation import check_allocation
 from contrastive.builders import (
     build_dataset,
     build_loss,
@@ -80,7 +81,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     trainer, data_cfg = typed(cfg.trainer), typed(cfg.data)
     dist = init_distributed(trainer.device)
     run_dir = same_on_every_rank(run_dir)
-    torch.set_num_threads(compute_threads(trainer.threads, dist, data_cfg.num_workers))
+    cpus = check_allocation(dist, num_workers=data_cfg.num_workers)
+    torch.set_num_threads(compute_threads(trainer.threads, dist, data_cfg.num_workers, cpus))
     torch.manual_seed(trainer.seed)
 
     modalities = build_modalities(cfg.modalities, plain(cfg.modality))
@@ -245,16 +247,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def compute_threads(requested: int, dist: DistInfo, loader_workers: int) -> int:
-    """torch's intra-op threads for this rank: as asked, or (0) on CPU the rank's share of the cores
-    minus its loader workers, which need cores of their own (2 cores: 1.6x the samples/s of torch's
-    default, which oversubscribes them)."""
+def compute_threads(requested: int, dist: DistInfo, loader_workers: int, cpus: int) -> int:
+    """torch's intra-op threads for this rank: as asked, or (0) on CPU the rank's `cpus` minus its
+    loader workers, which need cores of their own (2 cores: 1.6x the samples/s of torch's default,
+    which oversubscribes them)."""
     if requested:
         return requested
     if dist.device.type != "cpu":
         return torch.get_num_threads()
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-    return max(1, (os.cpu_count() or 1) // max(local_ranks, 1) - loader_workers)
+    return max(1, cpus - loader_workers)
 
 
 class KeyRecorder:
