@@ -237,9 +237,9 @@ def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int,
 def evaluate(cfg: dict, weights: Path, heldout: Path, ours: bool) -> dict:
     import torch
 
-    from contrastive.builders import build_dataset, build_modalities
+    from contrastive.builders import build_modalities
     from contrastive.data.settings import DataConfig
-    from contrastive.evaluate import compute_metrics, embed_dataset
+    from contrastive.evaluation import EvalConfig, Evaluator, resolve_set
     from contrastive.export import load_pretrained
     from contrastive.model import ContrastiveModel
     from contrastive.towers import init_tower
@@ -254,11 +254,11 @@ def evaluate(cfg: dict, weights: Path, heldout: Path, ours: bool) -> dict:
         for name in ("image", "text"):
             init_tower(name, model.encoders[name], mods[name], weights)
     model.eval()
-    dataset = build_dataset(
-        str(heldout), model.modalities, DataConfig(eval_batch_size=256, num_workers=0), train=False, check=False
+    heldout_set = resolve_set("", {"path": str(heldout)})
+    evaluator = Evaluator(
+        [heldout_set], model.modalities, EvalConfig(prompts=PROMPTS), DataConfig(eval_batch_size=256, num_workers=0)
     )
-    with torch.no_grad():
-        metrics = compute_metrics(model, embed_dataset(model, dataset, device=torch.device("cpu")), prompts=PROMPTS)
+    metrics, _ = evaluator(model, torch.device("cpu"))
     return {
         "zero_shot_image_to_text": metrics["zero_shot/image->text/acc"],
         "R@1_image_to_text": metrics["retrieval/image->text/R@1"],

@@ -91,6 +91,7 @@ def build_dataset(
     rank: int = 0,
     world_size: int = 1,
     check: bool = True,
+    what: str | None = None,
 ) -> ShardDataset:
     """A rank's loader dataset over `spec` (a directory, or a list of directories or {path, weight}),
     read as `settings` (data.*) say: for training, or (train=False) in order, for evaluation. With
@@ -104,7 +105,8 @@ def build_dataset(
             world_size=world_size,
             num_workers=settings.num_workers,
             batch_size=batch_size,
-            what="data.train" if train else "data.eval",
+            what=what or ("data.train" if train else "data.eval"),
+            train=train,
         )
     if not train:
         return ShardDataset(

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from contrastive.data.settings import DataConfig
 from contrastive.engine import EngineConfig
-from contrastive.evaluate import EvalConfig
+from contrastive.evaluation.settings import EvalConfig
 from contrastive.launch import LauncherConfig
 from contrastive.loss import LOSSES, LossSettings
 from contrastive.modalities.base import MODALITIES, ConfigError

@@ -41,19 +41,38 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_recall(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def _eval_series(rows: Sequence[dict[str, Any]], task: str, suffix: str) -> dict[str, tuple[list, list]]:
+    """`eval/[<set>/]<task>/<what><suffix>` series, named `[<set>: ]<what>`."""
+    out: dict[str, tuple[list, list]] = {}
+    for row in rows:
+        for key, value in row.items():
+            head, sep, rest = key.partition(f"{task}/")
+            if key.startswith("eval/") and sep and key.endswith(suffix) and isinstance(value, (int, float)):
+                eval_set = head[len("eval/") :].rstrip("/")
+                name = rest[: len(rest) - len(suffix)]
+                steps, values = out.setdefault(f"{eval_set}: {name}" if eval_set else name, ([], []))
+                steps.append(row["step"])
+                values.append(value)
+    return out
+
+
+def plot_recall(rows: Sequence[dict[str, Any]], path: Path) -> list[str]:
+    """Retrieval R@1 and zero-shot top-1 over training, every eval set; returns the series' names."""
     fig, (ax_r, ax_zs) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, (steps, values) in _series(rows, "eval/retrieval/", "/R@1").items():
-        ax_r.plot(steps, values, marker="o", label=name)
-    ax_r.set(title="retrieval R@1 (held-out)", xlabel="step", ylim=(0, 1))
-    ax_r.legend(fontsize=8)
-    for name, (steps, values) in _series(rows, "eval/zero_shot/", "/acc").items():
-        ax_zs.plot(steps, values, marker="o", label=name)
-    ax_zs.set(title="zero-shot accuracy (held-out)", xlabel="step", ylim=(0, 1))
-    ax_zs.legend(fontsize=8)
+    names = []
+    for ax, task, suffix, title in (
+        (ax_r, "retrieval", "/R@1", "retrieval R@1"),
+        (ax_zs, "zero_shot", "/acc", "zero-shot top-1"),
+    ):
+        for name, (steps, values) in _eval_series(rows, task, suffix).items():
+            ax.plot(steps, values, marker="o", label=name)
+            names.append(f"{task}: {name}")
+        ax.set(title=f"{title} (held-out)", xlabel="step", ylim=(0, 1))
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return names
 
 
 def plot_similarity(

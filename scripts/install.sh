@@ -53,6 +53,13 @@ echo "[install] pip: ${TORCH_PINS[*]} + $PACKAGE ($DEVICE)"
 PYTHONWARNINGS="ignore:Editable installation" "${PIP[@]}" install -q "${TORCH_PINS[@]}" $PACKAGE \
     2> >(quiet_pip_warnings)
 
+# The tests compare our evaluation with CLIP_benchmark's own. Its requirements name the captioning
+# metrics' packages (pycocoevalcap, 100 MB, and transformers), which its zero-shot and retrieval
+# code never imports: it is installed without them.
+if [[ "$PACKAGE" == *"[test]"* ]]; then
+    "${PIP[@]}" install -q --no-deps clip-benchmark==1.6.2 2> >(quiet_pip_warnings)
+fi
+
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 # torchaudio's wheel ships compiled libraries built against a CUDA torch of its own release; beside

@@ -81,7 +81,7 @@ def test_sample_with_no_usable_modality(tmp_path):
 def test_unknown_extension_is_counted_and_the_sample_used(tmp_path):
     samples = [sample(i) for i in range(10)]
     samples[1]["xyz"] = b"what is this"
-    samples[7]["cls"] = "3"
+    samples[7]["seg"] = "3"  # (cls is metadata now: a class index)
     counts, delivered = run_epoch(write(tmp_path, samples))
     assert counts["bad/unknown_extension"] == 2 and counts["bad_samples"] == 0
     assert len(delivered) == 10 and delivered["s00001"] == set(MODS)

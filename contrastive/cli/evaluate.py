@@ -1,7 +1,11 @@
-"""`contrastive-eval`: zero-shot accuracy and retrieval of an exported model (or a checkpoint) on eval shards.
+"""`contrastive-eval`: zero-shot classification, retrieval and linear probes of an exported model
+(or a training checkpoint) on one or several eval sets, in our shard layout or CLIP_benchmark's.
 
-contrastive-eval runs/demo/export --data data/demo/heldout
-contrastive-eval runs/demo/checkpoints/step_00000500 --data data/demo/heldout --json metrics.json
+    contrastive-eval runs/demo/export --data data/demo/heldout
+    contrastive-eval runs/demo/checkpoints/step_00000500 --data data/demo/heldout --json metrics.json
+    contrastive-eval runs/demo/export --set esc50=/data/esc50_wds --set coco=/data/coco_wds
+    contrastive-eval runs/demo/export --data data/demo/heldout --task linear_probe --probe-train data/demo/train
+    contrastive-eval runs/demo          # a run's latest checkpoint, on the sets it was evaluated on
 """
 
 from __future__ import annotations
@@ -16,23 +20,71 @@ from pathlib import Path
 def load_model(path: Path):
     """An export directory, a training checkpoint or a run directory (its latest checkpoint) ->
     (model, the zero-shot prompts stored with it or None)."""
+    model, prompts, _ = load_model_and_config(path)
+    return model, prompts
+
+
+def load_model_and_config(path: Path):
+    """(model, the zero-shot prompts stored with it or None, the training config for a checkpoint or None)."""
     from contrastive.export import CONFIG, load_pretrained, objective_from_checkpoint
 
     if (path / CONFIG).exists():
         stored = json.loads((path / CONFIG).read_text()).get("eval", {}).get("prompts")
-        return load_pretrained(path), stored or None
+        return load_pretrained(path), stored or None, None
     from contrastive.checkpoint import resolve_resume
 
     objective, meta = objective_from_checkpoint(resolve_resume(str(path), path))
-    return objective.model, meta["config"].get("eval", {}).get("prompts")
+    return objective.model, meta["config"].get("eval", {}).get("prompts"), meta["config"]
+
+
+def requested_sets(args, training_config: dict | None) -> list:
+    """The sets to score: --data (plain names), --set NAME=PATH and --sets FILE, with the set options of
+    the command line; else those of the checkpoint's training run (its data.eval and eval.sets)."""
+    from contrastive.evaluation import resolve_set
+
+    options = {
+        k: v
+        for k, v in (
+            ("task", args.task),
+            ("split", args.split),
+            ("classnames", args.classnames),
+            ("templates", args.templates),
+            ("probe_train", args.probe_train),
+        )
+        if v is not None
+    }
+    named: dict = {}
+    if args.sets:
+        from omegaconf import OmegaConf
+
+        named.update(OmegaConf.to_container(OmegaConf.load(args.sets), resolve=True))
+    for spec in args.set or []:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise SystemExit(f"contrastive-eval: --set {spec!r}: expected NAME=PATH")
+        named[name] = {"path": path}
+    data = args.data
+    if data is None and not named and training_config is not None:
+        data, named = training_config["data"].get("eval"), dict(training_config["eval"].get("sets") or {})
+    if data is None and not named:
+        raise SystemExit("contrastive-eval: name a set: --data PATH, --set NAME=PATH or --sets FILE")
+    sets = [resolve_set("", {"path": data, "max_samples": args.max_samples, **options}, where="--data")] if data else []
+    return sets + [resolve_set(name, {**options, **fields}) for name, fields in named.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="contrastive-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", type=Path, help="an export directory or a checkpoint directory")
-    parser.add_argument("--data", required=True, help="eval dataset directory (shards + sizes.json)")
+    parser.add_argument("model", type=Path, help="an export directory, a checkpoint or a run directory")
+    parser.add_argument("--data", help="a set reported under plain names (our layout or CLIP_benchmark's)")
+    parser.add_argument("--set", action="append", metavar="NAME=PATH", help="a named set (repeatable)")
+    parser.add_argument("--sets", type=Path, help="a YAML file: {name: {path, task, split, ...}} (see EvalSet)")
+    parser.add_argument("--task", help="auto | zeroshot_classification | retrieval | linear_probe (default auto)")
+    parser.add_argument("--split", help="CLIP_benchmark layout: the split to score (default test)")
+    parser.add_argument("--classnames", help="a file of class names, one a line")
+    parser.add_argument("--templates", help="a file of zero-shot templates with {c} or {label}, one a line")
+    parser.add_argument("--probe-train", help="the linear probe's training split")
     parser.add_argument("--prompts", nargs="+", help="zero-shot prompt templates with {label}")
     parser.add_argument("--text-modality", default="text")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -42,30 +94,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import torch
-
-    from contrastive.builders import build_dataset
     from contrastive.data.settings import DataConfig
     from contrastive.distributed import init_distributed
-    from contrastive.evaluate import DEFAULT_PROMPTS, compute_metrics, embed_dataset, format_table
+    from contrastive.evaluation import DEFAULT_PROMPTS, EvalConfig, Evaluator, format_table
 
     dist = init_distributed()
-    model, stored_prompts = load_model(args.model)
+    model, stored_prompts, training_config = load_model_and_config(args.model)
     model.to(dist.device)
-    prompts = args.prompts or stored_prompts or list(DEFAULT_PROMPTS)
-    dataset = build_dataset(
-        args.data,
+    sets = requested_sets(args, training_config)
+    settings = EvalConfig(
+        prompts=args.prompts or stored_prompts or list(DEFAULT_PROMPTS),
+        text_modality=args.text_modality,
+        max_samples=args.max_samples,
+    )
+    evaluator = Evaluator(
+        sets,
         model.modalities,
+        settings,
         DataConfig(eval_batch_size=args.batch_size, num_workers=args.workers),
-        train=False,
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    with torch.no_grad():
-        embedded = embed_dataset(model, dataset, device=dist.device, max_samples=args.max_samples)
-    metrics = compute_metrics(model, embedded, prompts=prompts, text_modality=args.text_modality)
+    metrics, embedded = evaluator(model, dist.device)
     if dist.is_main:
-        print(f"evaluation of {args.model} on {args.data} ({len(embedded['keys'])} samples)")
+        counts = ", ".join(f"{s.name or 'data'} {len(embedded[s.name]['keys'])} samples ({s.shards})" for s in sets)
+        print(f"evaluation of {args.model}: {counts}")
         print(format_table(metrics))
         if args.json:
             args.json.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

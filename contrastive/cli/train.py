@@ -51,7 +51,7 @@ from contrastive.data.pipeline import batches
 from contrastive.data.shards import DataError
 from contrastive.distributed import DistInfo, barrier, init_distributed, same_on_every_rank
 from contrastive.engine import Engine, deepspeed_config
-from contrastive.evaluate import compute_metrics, embed_dataset, format_table
+from contrastive.evaluation import Evaluator, eval_sets, format_table
 from contrastive.export import export_checkpoint
 from contrastive.flops import peak_flops, training_flops_per_sample
 from contrastive.plots import write_plots
@@ -116,7 +116,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         raise DataError("data.train: no training data given (a directory of shards, or a list of them)")
     where = dict(seed=trainer.seed, rank=dist.rank, world_size=dist.world_size)
     train_set = build_dataset(plain(data_cfg.train), modalities, data_cfg, train=True, **where)
-    eval_set = build_dataset(data_cfg.eval, modalities, data_cfg, train=False, **where) if data_cfg.eval else None
+    sets = eval_sets(typed(cfg.eval), data_cfg.eval)
+    evaluator = Evaluator(sets, modalities, typed(cfg.eval), data_cfg, **where) if sets else None
 
     state = TrainState()
     checkpoint = resolve_resume(cfg.resume, run_dir)
@@ -151,14 +152,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     evaluations: dict[int, dict[str, float]] = {}
 
     def evaluate(step: int) -> dict[str, float]:
-        embedded = embed_dataset(objective.model, eval_set, device=dist.device, max_samples=cfg.eval.max_samples)
-        metrics = compute_metrics(
-            objective.model, embedded, prompts=list(cfg.eval.prompts), text_modality=cfg.eval.text_modality
-        )
+        metrics, embedded = evaluator(objective.model, dist.device)
         out = evaluations[step] = {f"eval/{k}": v for k, v in metrics.items()}
         if dist.is_main:
-            log.info("evaluation at step %d on %s\n%s", step, cfg.data.eval, format_table(metrics))
-            write_plots(run_dir, read_metrics(run_dir) + [{"step": step, **out}], embedded)
+            where = ", ".join(f"{s.name or 'data.eval'} ({s.shards})" for s in sets)
+            log.info("evaluation at step %d on %s\n%s", step, where, format_table(metrics))
+            write_plots(run_dir, read_metrics(run_dir) + [{"step": step, **out}], next(iter(embedded.values())))
         return out
 
     def save(state: TrainState) -> Path:
@@ -192,7 +191,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     stop = StopRequest()
     hooks = Hooks(
         save=save,
-        evaluate=evaluate if eval_set is not None else None,
+        evaluate=evaluate if evaluator is not None else None,
         stop_requested=stop.requested,
         check_counts=lambda counts: check_bad_fraction(
             counts, max_fraction=data_cfg.max_bad_fraction, min_slots=data_cfg.bad_check_after
@@ -226,11 +225,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.close()
         stop.requeue_if_slurm()
         return {}
-    metrics = evaluate(state.step) if eval_set is not None else {}
+    metrics = evaluate(state.step) if evaluator is not None else {}
     logger.log(state.step, metrics)
     logger.close()
     record_metrics(final, metrics)
-    if dist.is_main and eval_set is None:
+    if dist.is_main and evaluator is None:
         write_plots(run_dir, read_metrics(run_dir))
     if dist.is_main:
         bad = {k: v for k, v in state.counts.items() if k.startswith("bad/")}

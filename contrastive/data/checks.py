@@ -27,16 +27,18 @@ def preflight(
     batch_size: int,
     probe_samples: int = 200,
     what: str = "data.train",
+    train: bool = True,
 ) -> dict[str, int]:
     """Before the first step: sample counts against the global batch, shards against ranks x
-    workers, and every configured modality present in the data. Raises DataError or warns."""
+    workers, and every configured modality present in the training data (an eval set needs one of
+    them: an image classification set holds no audio). Raises DataError or warns."""
     shards = [s for src in sources for s in src.shards]
     total = sum(s.samples for s in shards)
     workers = world_size * max(num_workers, 1)
     paths = ", ".join(src.path for src in sources)
     if total == 0:
         raise DataError(f"{what}: {paths} holds no samples")
-    if total < workers * batch_size:
+    if train and total < workers * batch_size:
         log.warning("%s: %d samples fill less than one batch per worker (%d ranks x %d workers x batch %d): "
                     "most rows of every batch are padding; lower data.batch_size or data.num_workers",
                     what, total, world_size, max(num_workers, 1), batch_size)
@@ -59,7 +61,7 @@ def preflight(
         if probed >= probe_samples:
             break
     missing = [name for name in modalities if probed and seen[name] == 0]
-    if missing:
+    if missing and (train or len(missing) == len(modalities)):
         wanted = {n: list(modalities[n].extensions) for n in missing}
         raise DataError(
             f"{what}: configured modalities {missing} appear in none of the first {probed} samples of {paths} "

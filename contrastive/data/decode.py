@@ -28,7 +28,8 @@ from contrastive.modalities.base import MODALITIES, Modality, ModalityError
 
 log = logging.getLogger("contrastive.data")
 
-METADATA_EXTENSIONS = ("json",)
+# json: {"label": ..., "group": ...}; cls: a class index as text (CLIP_benchmark's WebDataset layout)
+METADATA_EXTENSIONS = ("json", "cls")
 BAD_SHARD = "bad_in_shard/"  # counter prefix: bad samples per shard (for the error that names them)
 # Counted and logged, but the sample itself is still used: not part of the bad fraction.
 NOT_LOST = ("bad/unknown_extension", "bad/json", "bad/sizes_mismatch")
@@ -78,9 +79,11 @@ class BatchDecoder:
     (`__error__`: what went wrong reading the shard) or None (padding at the end of an epoch)."""
 
     def __init__(self, modalities: Mapping[str, Modality], *, train: bool, seed: int = 0, epoch: int = 0,
-                 modality_dropout: Mapping[str, float] | None = None):
+                 modality_dropout: Mapping[str, float] | None = None, alternatives: bool = False):
         self.modalities = dict(modalities)
         self.train = train
+        # evaluation: a value holding several alternatives (a caption per line) gives each its own input
+        self.alternatives = alternatives
         self.seed, self.epoch = seed, epoch
         self.modality_dropout = dict(modality_dropout or {})
         unknown = set(self.modality_dropout) - set(self.modalities)
@@ -97,21 +100,27 @@ class BatchDecoder:
             more = " (further ones are counted, not logged)" if self.warned[kind] == WARN_FIRST else ""
             log.warning("skipped %s: shard %s, key %s: %s%s", kind, shard, key, reason, more)
 
-    def decode_sample(self, sample: dict[str, Any], counts: Counter) -> tuple[dict[str, torch.Tensor], str | None]:
+    def decode_sample(
+        self, sample: dict[str, Any], counts: Counter
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[torch.Tensor]]]:
+        """(one input per modality, the metadata: label and group, further inputs per modality: the
+        alternatives beyond the first, when `alternatives` is on)."""
         shard, key = sample.get("__shard__", "?"), sample.get("__key__", "?")
         unknown = sorted(ext for ext in sample if not ext.startswith("__") and ext not in self.known)
         if unknown:
             counts["bad/unknown_extension"] += 1
             self.warn("unknown_extension", shard, key, f"no modality reads {unknown}")
-        label = None
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"].decode("utf-8"))
-                label = meta.get("label") if isinstance(meta, dict) else None
-                label = None if label is None else str(label)
-            except ValueError as e:
-                counts["bad/json"] += 1
-                self.warn("json", shard, key, repr(e))
+        meta: dict[str, Any] = {"label": None, "group": None}
+        try:
+            if "json" in sample:
+                fields = json.loads(sample["json"].decode("utf-8"))
+                if isinstance(fields, dict):
+                    meta = {k: None if fields.get(k) is None else str(fields[k]) for k in ("label", "group")}
+            if meta["label"] is None and "cls" in sample:  # a class index, named by the set's classnames
+                meta["label"] = str(int(sample["cls"].decode("utf-8").strip()))
+        except ValueError as e:
+            counts["bad/json"] += 1
+            self.warn("json", shard, key, repr(e))
         # Augmentation draws from its own generator seeded by (seed, epoch, key): a resumed run
         # repeats the interrupted run's crops exactly, and the caller's random state is untouched.
         seed = zlib.crc32(f"{self.seed}/{self.epoch}/{key}".encode())
@@ -124,11 +133,16 @@ class BatchDecoder:
                 if len(present) > 1 and drop_rng.random() < self.modality_dropout.get(name, 0.0):
                     del present[name]
                     counts[f"dropped/{name}"] += 1
+        extra: dict[str, list[torch.Tensor]] = {}
         with seeded(seed):
             for name, ext in present.items():
                 modality = self.modalities[name]
                 try:
-                    row[name] = modality.preprocess(modality.decode(sample[ext], ext), train=self.train)
+                    value = modality.decode(sample[ext], ext)
+                    values = modality.alternatives(value) if self.alternatives else [value]
+                    row[name] = modality.preprocess(values[0], train=self.train)
+                    if len(values) > 1:
+                        extra[name] = [modality.preprocess(v, train=self.train) for v in values[1:]]
                     self.succeeded.add(name)
                 except Exception as e:  # noqa: BLE001 - bad input, unless it never succeeds (check_code)
                     counts[f"bad/{name}"] += 1
@@ -141,7 +155,7 @@ class BatchDecoder:
             self.warn("empty_sample", shard, key, "no usable modality")
         if "__extra__" in sample:
             counts["bad/sizes_mismatch"] += sample["__extra__"]
-        return row, label
+        return row, meta, extra
 
     def check_code(self) -> None:
         """Raises ModalityError for a modality that failed on its first CODE_ERROR_AFTER samples and
@@ -158,28 +172,30 @@ class BatchDecoder:
 
     def __call__(self, slots: list[dict[str, Any] | None]) -> dict[str, Any]:
         counts: Counter = Counter()
-        rows, keys, labels = [], [], []
-        for slot in slots:
+        rows, keys, metas, extras = [], [], [], {}
+        for index, slot in enumerate(slots):
+            row, key, meta = {}, "", {"label": None, "group": None}
             if slot is None:  # padding at the end of an epoch
-                rows.append({})
-                keys.append("")
-                labels.append(None)
+                rows.append(row)
+                keys.append(key)
+                metas.append(meta)
                 continue
             before = lost(counts)
             if "__error__" in slot:
                 counts[f"bad/{slot['__error__']}"] += 1
-                row, key, label = {}, "", None
             else:
-                row, label = self.decode_sample(slot, counts)
+                row, meta, extra = self.decode_sample(slot, counts)
                 key = slot["__key__"]
                 counts["samples"] += 1 if row else 0
+                for name, inputs in extra.items():
+                    extras.setdefault(name, []).extend((index, x) for x in inputs)
             counts["slots"] += 1
             if lost(counts) > before:
                 counts["bad_samples"] += 1
                 counts[f"{BAD_SHARD}{slot.get('__shard__', '?')}"] += 1
             rows.append(row)
             keys.append(key if row else "")
-            labels.append(label if row else None)
+            metas.append(meta if row else {"label": None, "group": None})
         self.check_code()
         batch: dict[str, Any] = {"mask": {}}
         for name, modality in self.modalities.items():
@@ -188,7 +204,12 @@ class BatchDecoder:
             batch[name] = torch.stack([row[name] if name in row else modality.empty() for row in rows])
             batch["mask"][name] = torch.tensor(present, dtype=torch.bool)
         batch["__key__"] = keys
-        batch["label"] = labels
-        batch["label_id"] = torch.tensor([label_id(lab) for lab in labels], dtype=torch.long)
+        batch["label"] = [m["label"] for m in metas]
+        batch["group"] = [m["group"] for m in metas]
+        batch["label_id"] = torch.tensor([label_id(m["label"]) for m in metas], dtype=torch.long)
+        if self.alternatives:  # each modality's further inputs and the batch row each belongs to
+            batch["extra"] = {name: {"inputs": torch.stack([x for _, x in items]),
+                                     "rows": torch.tensor([i for i, _ in items], dtype=torch.long)}
+                              for name, items in extras.items()}
         batch["counts"] = dict(counts)
         return batch

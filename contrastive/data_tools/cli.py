@@ -5,6 +5,8 @@ contrastive-data shards OUT --manifest pairs.csv       # columns key,image,audio
 contrastive-data shards OUT --folder raw/ --workers 8  # files paired by stem: dog.jpg dog.flac dog.txt
 contrastive-data verify OUT                            # decode everything; non-zero exit if corrupt
 contrastive-data stats OUT                             # coverage, durations, sizes, caption lengths
+contrastive-data benchmark OUT --manifest m.csv --task classification --templates openai-imagenet
+                                                       # an eval set in CLIP_benchmark's layout
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--workers", type=int, default=2)
     verify.add_argument("--json", type=Path, help="write the full report here")
+
+    bench = sub.add_parser("benchmark", help="an eval set in CLIP_benchmark's WebDataset layout, from a manifest")
+    bench.add_argument("out_dir")
+    bench.add_argument("--manifest", required=True, help="CSV or JSONL: key,image,audio,text,text_path,label,group")
+    bench.add_argument("--task", required=True, choices=["classification", "retrieval"])
+    bench.add_argument("--classnames", help="class names, one a line, in class-index order (default: sorted labels)")
+    bench.add_argument("--templates", help="templates with {c}, one a line, or openai-imagenet (CLIP's 80)")
+    bench.add_argument("--split", default="test")
+    bench.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
 
     stats = sub.add_parser("stats", help="coverage, audio durations, image sizes, caption lengths")
     stats.add_argument("directory")
@@ -103,6 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         return 0 if ok else 1
+    elif args.command == "benchmark":
+        from contrastive.data_tools.benchmark import build_benchmark_set
+
+        try:
+            result = build_benchmark_set(
+                args.out_dir,
+                manifest=args.manifest,
+                task=args.task,
+                classnames=args.classnames,
+                templates=args.templates,
+                split=args.split,
+                max_count=args.max_count,
+            )
+        except ValueError as e:
+            print(f"contrastive-data benchmark: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"{args.task} set in {args.out_dir}: {result['samples']} samples in {result['shards']} shards"
+            + (f", {result['classes']} classes" if result["classes"] else "")
+        )
     elif args.command == "stats":
         from contrastive.data_tools.inspect import format_stats, stats
 

@@ -26,7 +26,7 @@ from contrastive.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("key", "image", "audio", "text", "text_path", "label")
+COLUMNS = ("key", "image", "audio", "text", "text_path", "label", "group")
 
 
 @dataclass
@@ -106,8 +106,9 @@ def items_from_manifest(path: Path) -> tuple[list[Item], list[str]]:
                     item.files[ext] = file
         if "text" in row:
             item.text = str(row["text"])
-        if "label" in row:
-            item.meta["label"] = row["label"]
+        for column in ("label", "group"):  # json metadata: the class name; the item several samples share
+            if column in row:
+                item.meta[column] = str(row[column])
         items.append(item)
     return items, problems
 

@@ -55,6 +55,11 @@ class Modality(ABC):
                 return self.decode(f.read(), path.rsplit(".", 1)[-1].lower())
         return item
 
+    def alternatives(self, value: Any) -> list[Any]:
+        """The values one decoded value holds when it holds several (the captions of one image, one a
+        line): in evaluation each is a retrieval entry of its own; training uses the value whole."""
+        return [value]
+
     @abstractmethod
     def preprocess(self, value: Any, *, train: bool) -> torch.Tensor:
         """Decoded value -> the model input of one sample (train=True applies augmentation)."""

@@ -42,6 +42,10 @@ class Text(Modality):
             return item
         return super().load(item)
 
+    def alternatives(self, value: str) -> list[str]:
+        """One caption a line (CLIP_benchmark's retrieval sets store an image's captions so)."""
+        return [line.strip() for line in value.splitlines() if line.strip()] or [value]
+
     def preprocess(self, value: str, *, train: bool) -> torch.Tensor:
         return self.tokenizer([value])[0]
 

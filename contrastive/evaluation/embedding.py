@@ -1,0 +1,98 @@
+"""A set's embeddings, computed once and shared by zero-shot, retrieval and the linear probe.
+
+Each rank embeds its share of the shards; the embeddings are gathered so that every rank holds the
+whole set. Besides one embedding per modality and sample, a sample may hold further inputs of a
+modality (an image's other captions, one a line): those are embedded too, with the row they belong to.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+
+from contrastive.data.pipeline import ShardDataset, loader_batches
+from contrastive.distributed import gather_no_grad, rank, world_size
+from contrastive.model import ContrastiveModel
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Every rank's `items`, concatenated in rank order."""
+    if world_size() == 1:
+        return list(items)
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: ContrastiveModel,
+    dataset: ShardDataset,
+    *,
+    device: torch.device,
+    max_samples: int = 0,
+    autocast: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Every sample of `dataset` (all ranks' shares), padding dropped:
+
+    embeddings: {modality: [N, D]}, mask: {modality: [N]} (the samples holding it),
+    keys, labels, groups: [N] (json.label / cls, json.group; None where absent),
+    extra: {modality: {"embeddings": [M, D], "rows": [M]}} (further inputs, by their sample's row)
+    """
+    was_training = model.training
+    model.eval()
+    names = list(model.encoders)
+    chunks: dict[str, list] = {n: [] for n in names}
+    masks: dict[str, list] = {n: [] for n in names}
+    extra_emb: dict[str, list] = {n: [] for n in names}
+    extra_rows: dict[str, list] = {n: [] for n in names}
+    keys: list[str] = []
+    labels: list[Any] = []
+    groups: list[Any] = []
+    rows_before = 0  # rows gathered so far, padding included
+    with loader_batches(dataset) as stream:
+        for batch in stream:
+            with autocast() if autocast else nullcontext():
+                emb = model({n: batch[n].to(device) for n in names})
+                mine = {}
+                for n, extra in (batch.get("extra") or {}).items():
+                    if n in names:
+                        inputs = extra["inputs"].split(max(len(batch["__key__"]), 1))
+                        embedded = torch.cat([model.encode(n, x.to(device)).float().cpu() for x in inputs])
+                        mine[n] = (embedded, extra["rows"] + rank() * len(batch["__key__"]))
+            for n in names:
+                chunks[n].append(gather_no_grad(emb[n].float()).cpu())
+                masks[n].append(gather_no_grad(batch["mask"][n].to(device)).cpu())
+            for part in gather_objects([mine]):  # further inputs: their number differs by rank
+                for n, (embedded, rows) in part.items():
+                    extra_emb[n].append(embedded)
+                    extra_rows[n].append(rows + rows_before)
+            keys.extend(gather_objects(batch["__key__"]))
+            labels.extend(gather_objects(batch["label"]))
+            groups.extend(gather_objects(batch.get("group") or [None] * len(batch["__key__"])))
+            rows_before += len(batch["__key__"]) * world_size()
+            if max_samples and sum(bool(k) for k in keys) >= max_samples:
+                break
+    model.train(was_training)
+    real = torch.tensor([bool(k) for k in keys])
+    if max_samples:  # the first max_samples real rows
+        real &= real.cumsum(0) <= max_samples
+    new_row = real.long().cumsum(0) - 1  # padding dropped: a row's index among the real ones
+    out: dict[str, Any] = {
+        "embeddings": {n: torch.cat(chunks[n])[real] for n in names},
+        "mask": {n: torch.cat(masks[n])[real] for n in names},
+        "keys": [k for k, r in zip(keys, real.tolist()) if r],
+        "labels": [lab for lab, r in zip(labels, real.tolist()) if r],
+        "groups": [g for g, r in zip(groups, real.tolist()) if r],
+        "extra": {},
+    }
+    for n in names:
+        if extra_emb[n]:
+            rows = torch.cat(extra_rows[n])
+            keep = real[rows]
+            out["extra"][n] = {"embeddings": torch.cat(extra_emb[n])[keep], "rows": new_row[rows[keep]]}
+    return out

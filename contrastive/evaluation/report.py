@@ -1,0 +1,142 @@
+"""Evaluation sets run and reported: each set is embedded once per evaluation (across ranks), then
+scored by its tasks; the metrics of a named set carry its name (`<set>/zero_shot/...`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from contrastive.data.settings import DataConfig
+from contrastive.evaluation.embedding import embed_dataset
+from contrastive.evaluation.probe import probe_metrics
+from contrastive.evaluation.retrieval import retrieval_metrics
+from contrastive.evaluation.sets import ResolvedSet
+from contrastive.evaluation.settings import EvalConfig
+from contrastive.evaluation.zeroshot import zero_shot_metrics
+from contrastive.modalities.base import Modality
+from contrastive.model import ContrastiveModel
+
+log = logging.getLogger("contrastive")
+
+
+def set_metrics(
+    model: ContrastiveModel,
+    embedded: dict[str, Any],
+    eval_set: ResolvedSet,
+    settings: EvalConfig,
+    probe_train: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """One set's metrics from its embeddings (and, for the probe, its training split's), unprefixed."""
+    metrics: dict[str, float] = {}
+    if "zeroshot_classification" in eval_set.tasks:
+        metrics.update(
+            zero_shot_metrics(
+                model,
+                embedded,
+                templates=eval_set.templates or settings.prompts,
+                classnames=eval_set.classnames,
+                text_modality=settings.text_modality,
+            )
+        )
+    if "retrieval" in eval_set.tasks:
+        metrics.update(retrieval_metrics(embedded, text_modality=settings.text_modality))
+    if "linear_probe" in eval_set.tasks and probe_train is not None:
+        metrics.update(probe_metrics(probe_train, embedded, cs=settings.probe_cs, text_modality=settings.text_modality))
+    return metrics
+
+
+class Evaluator:
+    """Every eval set of a run: its loaders built once (the preflight checks them at the start), each set
+    embedded once per evaluation, shared by its tasks."""
+
+    def __init__(
+        self,
+        sets: Sequence[ResolvedSet],
+        modalities: Mapping[str, Modality],
+        settings: EvalConfig,
+        data: DataConfig,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        from contrastive.builders import build_dataset
+
+        self.sets, self.settings = list(sets), settings
+        where = dict(seed=seed, rank=rank, world_size=world_size)
+        self.datasets = {
+            s.name: build_dataset(s.shards, modalities, data, train=False, what=s.where, **where) for s in self.sets
+        }
+        self.probe_datasets = {
+            s.name: build_dataset(s.probe_train, modalities, data, train=False, what=f"{s.where}.probe_train", **where)
+            for s in self.sets
+            if "linear_probe" in s.tasks
+        }
+
+    def __call__(
+        self, model: ContrastiveModel, device: torch.device, autocast: Any = None
+    ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+        """(every set's metrics, named `<set>/...`; every set's embeddings, by set name)."""
+        metrics: dict[str, float] = {}
+        embedded: dict[str, dict[str, Any]] = {}
+        for eval_set in self.sets:
+            embedded[eval_set.name] = embed_dataset(
+                model, self.datasets[eval_set.name], device=device, max_samples=eval_set.max_samples, autocast=autocast
+            )
+            probe_train = None
+            if eval_set.name in self.probe_datasets:
+                probe_train = embed_dataset(model, self.probe_datasets[eval_set.name], device=device, autocast=autocast)
+            found = set_metrics(model, embedded[eval_set.name], eval_set, self.settings, probe_train)
+            metrics.update({eval_set.key(k): v for k, v in found.items()})
+        return metrics, embedded
+
+
+def format_table(metrics: Mapping[str, float]) -> str:
+    """Readable tables of the metrics, a section per named set, with chance levels beside the figures."""
+    names = sorted({k.split("/", 1)[0] for k in metrics if k.split("/", 1)[0] not in SECTIONS})
+    blocks = [_table({k: v for k, v in metrics.items() if k.split("/", 1)[0] in SECTIONS})]
+    for name in names:
+        blocks.append(
+            f"== eval set {name} ==\n"
+            + _table({k[len(name) + 1 :]: v for k, v in metrics.items() if k.startswith(name + "/")})
+        )
+    return "\n".join(b for b in blocks if b.strip())
+
+
+SECTIONS = ("zero_shot", "retrieval", "linear_probe")
+
+
+def _pct(value: float | None) -> str:
+    return f"{value:6.1%}" if value is not None else "     -"
+
+
+def _table(metrics: Mapping[str, float]) -> str:
+    lines = []
+    classes = metrics.get("zero_shot/classes")
+    zs = sorted({k.split("/")[1] for k in metrics if k.startswith("zero_shot/") and k.endswith("/acc")})
+    if zs:
+        title = f"zero-shot classification ({int(classes)} classes, chance {1 / classes:.1%})"
+        lines.append(f"{title:<52} top-1   top-5  mean per-class recall")
+        for p in zs:
+            got = [metrics.get(f"zero_shot/{p}/{k}") for k in ("acc", "top5", "mean_per_class_recall")]
+            lines.append(f"  {p:<50} " + "  ".join(_pct(v) for v in got))
+    probes = sorted({k.split("/")[1] for k in metrics if k.startswith("linear_probe/")})
+    if probes:
+        lines.append(f"{'linear probe (logistic regression)':<52} top-1   top-5  mean per-class recall       C")
+        for m in probes:
+            got = [metrics.get(f"linear_probe/{m}/{k}") for k in ("acc", "top5", "mean_per_class_recall")]
+            lines.append(f"  {m:<50} " + "  ".join(_pct(v) for v in got) + f"  {metrics[f'linear_probe/{m}/C']:14g}")
+    pairs = sorted({k.split("/")[1] for k in metrics if k.startswith("retrieval/") and "->" in k})
+    if pairs:
+        lines.append("retrieval                 R@1    R@5   R@10  median rank  label R@1      n  (chance R@1)")
+        for p in pairs:
+            a, b = p.split("->")
+            n = int(metrics.get(f"retrieval/{a}-{b}/n", metrics.get(f"retrieval/{b}-{a}/n", 0)))
+            r = [metrics[f"retrieval/{p}/{k}"] for k in ("R@1", "R@5", "R@10", "median_rank")]
+            label = _pct(metrics.get(f"retrieval/{p}/label_R@1"))
+            lines.append(
+                f"  {p:<22} {r[0]:6.1%} {r[1]:6.1%} {r[2]:6.1%}  {r[3]:8.1f}     {label}  {n:5d}  ({1 / max(n, 1):.2%})"
+            )
+    return "\n".join(lines)
