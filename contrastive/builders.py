@@ -71,12 +71,20 @@ def build_optimizer(
     scheduler: Callable[..., Any] | None,
     total_steps: int,
     no_decay: Sequence[str] = NO_DECAY_NAMES,
+    towers: Mapping[str, Any] | None = None,
 ) -> tuple[torch.optim.Optimizer, Any]:
     """`optimizer` and `scheduler` are partials (Hydra `_partial_: true`); they receive the parameter
     groups (no weight decay on biases, norms, and parameters named in `no_decay`: embeddings and
-    temperatures by default) and the run's length."""
+    temperatures by default; with `towers` settings, a group per tower and layer scale, see
+    towers.layer_scales) and the run's length."""
+    from contrastive.optim import scale_learning_rates
+    from contrastive.towers import layer_scales
+
     weight_decay = getattr(optimizer, "keywords", {}).get("weight_decay", 0.0)
-    opt = optimizer(param_groups(module, weight_decay, no_decay))
+    model = getattr(module, "model", module)
+    scales = layer_scales(model, towers) if towers and hasattr(model, "encoders") else None
+    opt = optimizer(param_groups(module, weight_decay, no_decay, scales))
+    scale_learning_rates(opt)
     sched = scheduler(opt, total_steps=total_steps) if scheduler is not None else None
     return opt, sched
 

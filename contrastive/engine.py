@@ -310,7 +310,17 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The schedule's learning rate (a group's, over its tower's scale)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
+    def lrs(self) -> dict[str, float]:
+        """Each named group's top learning rate (per tower, with lr_scale or layer_decay set)."""
+        out: dict[str, float] = {}
+        for group in self.optimizer.param_groups:
+            name = group.get("name", "base")
+            out[name] = max(out.get(name, 0.0), group["lr"])
+        return out if len(out) > 1 else {}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:

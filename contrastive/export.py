@@ -81,17 +81,21 @@ def export_open_clip(
         weights.update(modality.to_open_clip({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}))
     weights["logit_scale"] = torch.tensor(math.log(logit_scale))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "open_clip_model.safetensors"))
-    model_cfg = {
+    model_cfg: dict[str, Any] = {
         "embed_dim": model.embed_dim,
         "vision_cfg": dict(image.open_clip_vision_cfg),
         "text_cfg": dict(text.open_clip_text_cfg),
     }
+    if image.quick_gelu or text.quick_gelu:
+        model_cfg["quick_gelu"] = True
+    if text.custom_text:
+        model_cfg["custom_text"] = True
     preprocess = {
         "size": image.image_size,
         "mean": list(image.mean),
         "std": list(image.std),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
+        "interpolation": image.interpolation,
+        "resize_mode": image.resize_mode,
     }
     (out_dir / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n"
@@ -131,12 +135,14 @@ def objective_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[Contrastiv
     from contrastive.builders import build_loss, build_modalities, import_modules
     from contrastive.checkpoint import read_meta
     from contrastive.engine import consolidated_state_dict
+    from contrastive.towers import apply_structure
 
     meta = read_meta(checkpoint)
     cfg = meta["config"]
     import_modules(cfg.get("imports", []))
     modalities = build_modalities(cfg["modalities"], cfg["modality"])
     model = ContrastiveModel(modalities, cfg["model"]["embed_dim"])
+    apply_structure(model, cfg["model"].get("towers") or {})  # LoRA adapters, as trained
     objective = ContrastiveObjective(model, build_loss(list(modalities), cfg["loss"]))
     objective.load_state_dict(consolidated_state_dict(checkpoint))
     return objective.eval(), meta
@@ -145,7 +151,10 @@ def objective_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[Contrastiv
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """A training checkpoint -> an export directory: what training writes at its end and what
     `contrastive-export` writes, the same bytes for the same checkpoint."""
+    from contrastive.towers import merge_lora
+
     objective, meta = objective_from_checkpoint(checkpoint)
+    merge_lora(objective.model)  # the plain towers' keys, adapters folded in: loadable anywhere
     cfg, state = meta["config"], meta["state"]
     layout = meta.get("data_layout", {})
     info = {

@@ -68,16 +68,20 @@ class ContrastiveModel(nn.Module):
 
     @torch.no_grad()
     def embed(self, name: str, items: list[Any], batch_size: int = 64) -> torch.Tensor:
-        """Raw user inputs (paths, PIL images, waveforms, strings) -> unit-norm embeddings."""
+        """Raw user inputs (paths, PIL images, waveforms, strings) -> unit-norm embeddings (a value seen
+        in several views, a long clip's windows, as their renormalised average)."""
         modality = self.modalities[name]
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         out = []
         for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            inputs = torch.stack([modality.preprocess(modality.load(x), train=False) for x in chunk])
-            out.append(self.encode(name, inputs.to(device)).float().cpu())
+            views = [modality.views(modality.load(x)) for x in items[start : start + batch_size]]
+            inputs = torch.stack([modality.preprocess(v, train=False) for item in views for v in item])
+            owner = torch.tensor([i for i, item in enumerate(views) for _ in item], device=device)
+            emb = self.encode(name, inputs.to(device)).float()
+            total = torch.zeros(len(views), emb.shape[1], device=device).index_add_(0, owner, emb)
+            out.append(F.normalize(total, dim=-1).cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Sequence
+from typing import Any, List, Mapping, Sequence
 
 import torch
 from omegaconf import MISSING
@@ -27,22 +27,47 @@ class OptimConfig:
 
 
 def param_groups(
-    module: nn.Module, weight_decay: float, no_decay_names: Sequence[str] = NO_DECAY_NAMES
+    module: nn.Module,
+    weight_decay: float,
+    no_decay_names: Sequence[str] = NO_DECAY_NAMES,
+    scales: Mapping[int, tuple[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Two groups: decayed weight matrices; and biases, norms (every tensor of fewer than 2 dims)
-    and the parameters named in `no_decay_names` (embeddings, temperatures) without decay."""
-    decay, no_decay = [], []
+    """Decayed weight matrices apart from biases, norms (every tensor of fewer than 2 dims) and the
+    parameters named in `no_decay_names` (embeddings, temperatures), which are not decayed. With
+    `scales` (id(parameter) -> (tower, learning-rate scale), see towers.layer_scales), one group per
+    tower, scale and decay rule, each carrying its `lr_scale` and the tower's `name`."""
+    scales = scales or {}
+    groups: dict[tuple[str, float, bool], dict[str, Any]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(key in name for key in no_decay_names):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decay = not (param.ndim < 2 or any(key in name for key in no_decay_names))
+        tower, scale = scales.get(id(param), ("", 1.0))
+        group = groups.setdefault(
+            (tower, scale, decay),
+            {
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+                "name": tower or "base",
+            },
+        )
+        group["params"].append(param)
+    if not scales:  # the two groups as ever: decayed first
+        return [
+            groups.get(
+                ("", 1.0, d),
+                {"params": [], "weight_decay": weight_decay if d else 0.0, "lr_scale": 1.0, "name": "base"},
+            )
+            for d in (True, False)
+        ]
+    return list(groups.values())
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Each group's lr times its lr_scale (before a schedule records the groups' initial lrs)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
 
 
 def warmup_cosine(

@@ -153,6 +153,7 @@ def train_loop(
             local_counts.clear()
             hooks.check_counts(state.counts)
             metrics = {k: float(v) for k, v in logs.items()}
+            metrics.update({f"lr/{name}": lr for name, lr in engine.lrs().items()})
             metrics.update(
                 loss=loss,
                 grad_norm=engine.grad_norm(),

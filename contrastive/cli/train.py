@@ -57,7 +57,7 @@ from contrastive.flops import peak_flops, training_flops_per_sample
 from contrastive.plots import write_plots
 from contrastive.preemption import StopRequest
 from contrastive.progress import Progress
-from contrastive.towers import apply_tower_settings
+from contrastive.towers import apply_tower_settings, load_released_weights
 from contrastive.tracking import MetricsLogger, read_metrics
 from contrastive.train import Hooks, TrainState, train_loop
 
@@ -89,7 +89,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     objective = build_objective(
         modalities, embed_dim=cfg.model.embed_dim, loss=build_loss(list(modalities), typed(cfg.loss))
     )
-    apply_tower_settings(objective.model, typed(cfg.model).towers)
+    towers = typed(cfg.model).towers
+    load_released_weights(objective.model)  # modality.<name>.pretrained
+    apply_tower_settings(objective.model, towers)
     objective.to(dist.device)
     optimizer, scheduler = build_optimizer(
         objective,
@@ -97,6 +99,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler else None,
         total_steps=trainer.max_steps,
         no_decay=list(cfg.optim.no_decay),
+        towers=towers,
     )
     engine = Engine(
         objective,

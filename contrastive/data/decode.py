@@ -79,11 +79,12 @@ class BatchDecoder:
     (`__error__`: what went wrong reading the shard) or None (padding at the end of an epoch)."""
 
     def __init__(self, modalities: Mapping[str, Modality], *, train: bool, seed: int = 0, epoch: int = 0,
-                 modality_dropout: Mapping[str, float] | None = None, alternatives: bool = False):
+                 modality_dropout: Mapping[str, float] | None = None, eval_inputs: bool = False):
         self.modalities = dict(modalities)
         self.train = train
-        # evaluation: a value holding several alternatives (a caption per line) gives each its own input
-        self.alternatives = alternatives
+        # evaluation: a value holding alternatives (a caption per line) gives each an input of its own
+        # (`extra`), and a value seen in several views (a long clip's windows) each view (`views`)
+        self.eval_inputs = eval_inputs
         self.seed, self.epoch = seed, epoch
         self.modality_dropout = dict(modality_dropout or {})
         unknown = set(self.modality_dropout) - set(self.modalities)
@@ -102,9 +103,9 @@ class BatchDecoder:
 
     def decode_sample(
         self, sample: dict[str, Any], counts: Counter
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[torch.Tensor]]]:
-        """(one input per modality, the metadata: label and group, further inputs per modality: the
-        alternatives beyond the first, when `alternatives` is on)."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, dict[str, list[torch.Tensor]]]]:
+        """(one input per modality, the metadata: label and group, further inputs with `eval_inputs`:
+        {"extra": the alternatives beyond the first, "views": the views beyond the first} per modality)."""
         shard, key = sample.get("__shard__", "?"), sample.get("__key__", "?")
         unknown = sorted(ext for ext in sample if not ext.startswith("__") and ext not in self.known)
         if unknown:
@@ -133,16 +134,18 @@ class BatchDecoder:
                 if len(present) > 1 and drop_rng.random() < self.modality_dropout.get(name, 0.0):
                     del present[name]
                     counts[f"dropped/{name}"] += 1
-        extra: dict[str, list[torch.Tensor]] = {}
+        further: dict[str, dict[str, list[torch.Tensor]]] = {"extra": {}, "views": {}}
         with seeded(seed):
             for name, ext in present.items():
                 modality = self.modalities[name]
                 try:
                     value = modality.decode(sample[ext], ext)
-                    values = modality.alternatives(value) if self.alternatives else [value]
-                    row[name] = modality.preprocess(values[0], train=self.train)
-                    if len(values) > 1:
-                        extra[name] = [modality.preprocess(v, train=self.train) for v in values[1:]]
+                    values = modality.alternatives(value) if self.eval_inputs else [value]
+                    views = modality.views(values[0]) if self.eval_inputs else values[:1]
+                    row[name] = modality.preprocess(views[0], train=self.train)
+                    for kind, more in (("extra", values[1:]), ("views", views[1:])):
+                        if more:
+                            further[kind][name] = [modality.preprocess(v, train=self.train) for v in more]
                     self.succeeded.add(name)
                 except Exception as e:  # noqa: BLE001 - bad input, unless it never succeeds (check_code)
                     counts[f"bad/{name}"] += 1
@@ -155,7 +158,7 @@ class BatchDecoder:
             self.warn("empty_sample", shard, key, "no usable modality")
         if "__extra__" in sample:
             counts["bad/sizes_mismatch"] += sample["__extra__"]
-        return row, meta, extra
+        return row, meta, further
 
     def check_code(self) -> None:
         """Raises ModalityError for a modality that failed on its first CODE_ERROR_AFTER samples and
@@ -172,7 +175,8 @@ class BatchDecoder:
 
     def __call__(self, slots: list[dict[str, Any] | None]) -> dict[str, Any]:
         counts: Counter = Counter()
-        rows, keys, metas, extras = [], [], [], {}
+        rows, keys, metas = [], [], []
+        further: dict[str, dict[str, list]] = {"extra": {}, "views": {}}
         for index, slot in enumerate(slots):
             row, key, meta = {}, "", {"label": None, "group": None}
             if slot is None:  # padding at the end of an epoch
@@ -184,11 +188,12 @@ class BatchDecoder:
             if "__error__" in slot:
                 counts[f"bad/{slot['__error__']}"] += 1
             else:
-                row, meta, extra = self.decode_sample(slot, counts)
+                row, meta, more = self.decode_sample(slot, counts)
                 key = slot["__key__"]
                 counts["samples"] += 1 if row else 0
-                for name, inputs in extra.items():
-                    extras.setdefault(name, []).extend((index, x) for x in inputs)
+                for kind, by_modality in more.items():
+                    for name, inputs in by_modality.items():
+                        further[kind].setdefault(name, []).extend((index, x) for x in inputs)
             counts["slots"] += 1
             if lost(counts) > before:
                 counts["bad_samples"] += 1
@@ -207,9 +212,10 @@ class BatchDecoder:
         batch["label"] = [m["label"] for m in metas]
         batch["group"] = [m["group"] for m in metas]
         batch["label_id"] = torch.tensor([label_id(m["label"]) for m in metas], dtype=torch.long)
-        if self.alternatives:  # each modality's further inputs and the batch row each belongs to
-            batch["extra"] = {name: {"inputs": torch.stack([x for _, x in items]),
-                                     "rows": torch.tensor([i for i, _ in items], dtype=torch.long)}
-                              for name, items in extras.items()}
+        if self.eval_inputs:  # each modality's further inputs and the batch row each belongs to
+            for kind, by_modality in further.items():
+                batch[kind] = {name: {"inputs": torch.stack([x for _, x in items]),
+                                      "rows": torch.tensor([i for i, _ in items], dtype=torch.long)}
+                               for name, items in by_modality.items()}
         batch["counts"] = dict(counts)
         return batch

@@ -131,7 +131,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """One stream's batches of one epoch, from its batch `skip` on."""
         # evaluation reads every alternative of a value (each caption line of an image's captions)
         decoder = BatchDecoder(self.modalities, train=self.train, seed=self.seed, epoch=epoch,
-                               modality_dropout=self.modality_dropout, alternatives=not self.train)
+                               modality_dropout=self.modality_dropout, eval_inputs=not self.train)
         rng = random.Random(f"samples/{self.seed}/{epoch}/{self.rank * self.num_workers + stream}")
         pipeline = wds.DataPipeline(
             # this worker's raw samples: bytes only, exactly its quota of slots

@@ -28,6 +28,15 @@ def gather_objects(items: list[Any]) -> list[Any]:
     return [x for part in parts for x in part]
 
 
+def average_views(
+    model: ContrastiveModel, name: str, main: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Each row's embedding averaged with those of its further views (`rows` says whose), renormalised."""
+    total = main.float().clone().index_add_(0, rows, model.encode(name, inputs).float())
+    count = torch.ones(len(main), device=main.device).index_add_(0, rows, torch.ones(len(rows), device=main.device))
+    return torch.nn.functional.normalize(total / count[:, None], dim=-1)
+
+
 @torch.no_grad()
 def embed_dataset(
     model: ContrastiveModel,
@@ -37,7 +46,8 @@ def embed_dataset(
     max_samples: int = 0,
     autocast: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Every sample of `dataset` (all ranks' shares), padding dropped:
+    """Every sample of `dataset` (all ranks' shares), padding dropped (a value seen in several views, a
+    long clip's windows, embedded as their average):
 
     embeddings: {modality: [N, D]}, mask: {modality: [N]} (the samples holding it),
     keys, labels, groups: [N] (json.label / cls, json.group; None where absent),
@@ -58,6 +68,9 @@ def embed_dataset(
         for batch in stream:
             with autocast() if autocast else nullcontext():
                 emb = model({n: batch[n].to(device) for n in names})
+                for n, views in (batch.get("views") or {}).items():  # a long clip's windows: averaged
+                    if n in names:
+                        emb[n] = average_views(model, n, emb[n], views["inputs"].to(device), views["rows"].to(device))
                 mine = {}
                 for n, extra in (batch.get("extra") or {}).items():
                     if n in names:

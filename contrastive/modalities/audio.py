@@ -3,6 +3,22 @@
 The features follow ImageBind and AST: Kaldi-style 128-bin log-mel filterbanks (25 ms window, 10 ms
 hop, Hann window) from torchaudio, normalised with a fixed mean and standard deviation, fed as a
 one-channel image of shape [n_mels, frames] to timm's vision transformer.
+
+Clip length: training takes a random window of `clip_seconds` from a longer clip; evaluation and
+`embed` take the first window, or with `eval_windows=3` three evenly spaced windows whose embeddings
+are averaged (ImageBind's). A shorter clip is zero-padded, or with `pad=repeat` repeated then padded
+(CLAP's repeat-pad), in training and evaluation alike.
+
+The tower can start from other weights (`model.towers.audio.init=...`, see `from_checkpoint`):
+- an image ViT, AST's way: `open_clip:ViT-B-16:<tag>` or an open_clip checkpoint file (`visual.*`):
+  the patch embedding averaged over RGB, the positional embeddings interpolated (bicubic) from the
+  image grid to the spectrogram's, the blocks, `ln_pre` (needs `pre_norm=true`), `ln_post`, and the
+  projection (`proj`) as the head where the widths agree;
+- an AST checkpoint (keys `module.v.*`, timm's DeiT): `v.` stripped, the distillation token and its
+  positional embedding dropped, the 12 x 101 patch grid of AST's AudioSet models (stride 10)
+  interpolated to ours, AST's classifier (`mlp_head`) dropped: the head starts fresh;
+- a timm ViT state dict of the same layout as ours (a square grid interpolated).
+The sizes (width, layers, heads, patch_size) must be the source's.
 """
 
 from __future__ import annotations
@@ -17,13 +33,15 @@ import soundfile
 import torch
 from torch import nn
 
-from contrastive.modalities.base import Modality, register_modality
+from contrastive.modalities.base import ConfigError, Modality, register_modality
 
 
 @register_modality("audio")
 @dataclass
 class Audio(Modality):
     extensions = ("flac", "wav", "mp3", "ogg")
+    # The head projects into the shared space: a checkpoint of another model may leave it to start fresh.
+    fresh_keys = ("head.weight", "head.bias")
 
     sample_rate: int = 16_000
     clip_seconds: float = 2.0
@@ -40,6 +58,9 @@ class Audio(Modality):
     mlp_ratio: float = 4.0
     # Clips shorter than this (after decoding) are rejected as truncated or empty.
     min_seconds: float = 0.05
+    pre_norm: bool = False  # a norm before the blocks (CLIP's ln_pre): needed to start from an image ViT
+    eval_windows: int = 1  # evaluation and embed: windows averaged over a longer clip (ImageBind: 3)
+    pad: str = "zeros"  # a shorter clip: zeros | repeat (CLAP's repeat-pad)
 
     def __post_init__(self):
         self._fbank = None  # (window length, shift, FFT size, window, mel banks), built on first use
@@ -102,12 +123,23 @@ class Audio(Modality):
         spectrum = torch.fft.rfft(frames * window, n=padded).abs().pow(2.0)
         return torch.clamp_min(spectrum @ banks, torch.finfo(torch.float32).eps).log()
 
+    def views(self, value: torch.Tensor) -> list[torch.Tensor]:
+        """With eval_windows=K and a clip longer than clip_seconds: K evenly spaced windows (the first
+        at the start, the last at the end), whose embeddings are averaged; else the clip itself."""
+        n = self.clip_samples
+        if self.eval_windows <= 1 or value.numel() <= n:
+            return [value]
+        starts = torch.linspace(0, value.numel() - n, self.eval_windows).round().long().tolist()
+        return [value[s : s + n] for s in starts]
+
     def preprocess(self, value: torch.Tensor, *, train: bool) -> torch.Tensor:
         n = self.clip_samples
         if value.numel() > n:  # a random window in training, the first window otherwise
             start = int(torch.randint(0, value.numel() - n + 1, ()).item()) if train else 0
             value = value[start : start + n]
         elif value.numel() < n:
+            if self.pad == "repeat":  # whole copies, then zeros (CLAP's repeat-pad)
+                value = value.repeat(n // value.numel())
             value = torch.nn.functional.pad(value, (0, n - value.numel()))
         mel = (self.log_mel(value) - self.norm_mean) / (2 * self.norm_std)
         mel = torch.nn.functional.pad(mel, (0, 0, 0, self.frames - mel.shape[0]))
@@ -129,4 +161,75 @@ class Audio(Modality):
             num_heads=self.heads,
             mlp_ratio=self.mlp_ratio,
             global_pool="token",
+            pre_norm=self.pre_norm,
         )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along mel bins and time."""
+        return self.n_mels // self.patch_size, self.frames // self.patch_size
+
+    def from_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The tower's weights from an image ViT (open_clip's layout) or an AST checkpoint (see the module
+        docstring); None for anything else (our own layout is taken as it is)."""
+        from timm.layers import resample_abs_pos_embed
+
+        if any(k.startswith(("module.v.", "v.")) for k in state):  # AST: timm's DeiT under `v.`
+            v = {
+                k.removeprefix("module.").removeprefix("v."): t
+                for k, t in state.items()
+                if k.removeprefix("module.").startswith("v.")
+            }
+            prefix = 1 + ("dist_token" in v)
+            tokens = v["pos_embed"].shape[1] - prefix
+            old = (12, 101) if tokens == 12 * 101 else _square(tokens, "an AST checkpoint's positional embeddings")
+            v.pop("dist_token", None)
+            v["pos_embed"] = resample_abs_pos_embed(
+                torch.cat([v["pos_embed"][:, :1], v["pos_embed"][:, prefix:]], 1),
+                list(self.grid),
+                list(old),
+                num_prefix_tokens=1,
+            )
+            return {k: t for k, t in v.items() if not k.startswith("head")}
+        visual = {k[len("visual.") :]: t for k, t in state.items() if k.startswith("visual.")} or state
+        if "conv1.weight" not in visual or "transformer.resblocks.0.attn.in_proj_weight" not in visual:
+            return None
+        if "ln_pre.weight" in visual and not self.pre_norm:
+            raise ConfigError("model.towers.audio.init: an image ViT's ln_pre needs modality.audio.pre_norm=true")
+        out = {
+            "patch_embed.proj.weight": visual["conv1.weight"].mean(dim=1, keepdim=True),  # RGB averaged
+            "cls_token": visual["class_embedding"].reshape(1, 1, -1),
+            "pos_embed": resample_abs_pos_embed(
+                visual["positional_embedding"][None],
+                list(self.grid),
+                list(_square(visual["positional_embedding"].shape[0] - 1, "the image ViT's grid")),
+                num_prefix_tokens=1,
+            ),
+        }
+        names = {
+            "ln_pre": "norm_pre",
+            "ln_post": "norm",
+            "ln_1": "norm1",
+            "ln_2": "norm2",
+            "attn.in_proj_": "attn.qkv.",
+            "attn.out_proj": "attn.proj",
+            "mlp.c_fc": "mlp.fc1",
+            "mlp.c_proj": "mlp.fc2",
+        }
+        for key, tensor in visual.items():
+            if key.startswith(("ln_pre.", "ln_post.", "transformer.resblocks.")):
+                new = key.replace("transformer.resblocks.", "blocks.")
+                for old_name, new_name in names.items():
+                    new = new.replace(old_name, new_name)
+                out[new] = tensor
+        if "proj" in visual and visual["proj"] is not None:  # [width, embed_dim]: the head, transposed
+            out["head.weight"] = visual["proj"].T.contiguous()
+            out["head.bias"] = torch.zeros(visual["proj"].shape[1])
+        return out
+
+
+def _square(tokens: int, what: str) -> tuple[int, int]:
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ConfigError(f"model.towers.audio.init: {what} has {tokens} patches, no square grid")
+    return side, side

@@ -40,6 +40,8 @@ class Modality(ABC):
     name: ClassVar[str]
     # WebDataset keys (file extensions inside a sample) that hold this modality, in order of preference.
     extensions: ClassVar[tuple[str, ...]]
+    # Tower keys that may start fresh when its weights come from another model (a new head).
+    fresh_keys: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def decode(self, data: bytes, extension: str) -> Any:
@@ -54,6 +56,11 @@ class Modality(ABC):
             with open(path, "rb") as f:
                 return self.decode(f.read(), path.rsplit(".", 1)[-1].lower())
         return item
+
+    def views(self, value: Any) -> list[Any]:
+        """Several views of one value whose embeddings are averaged in evaluation and `embed` (the
+        windows of a long audio clip); training uses one."""
+        return [value]
 
     def alternatives(self, value: Any) -> list[Any]:
         """The values one decoded value holds when it holds several (the captions of one image, one a
@@ -71,6 +78,15 @@ class Modality(ABC):
     @abstractmethod
     def build_encoder(self, embed_dim: int) -> nn.Module:
         """The tower: a batch of inputs -> [batch, embed_dim] (before L2 normalisation)."""
+
+    def from_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """This modality's tower weights from another model's checkpoint, its layout mapped (open_clip's
+        for images and text, AST's for audio...); None when the modality maps none."""
+        return None
+
+    def pretrained_weights(self) -> dict[str, torch.Tensor] | None:
+        """The tower's released weights its fields name (an open_clip tag), loaded before training."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """The fields that rebuild this modality (stored in checkpoints and exports)."""

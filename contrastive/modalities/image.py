@@ -6,13 +6,13 @@ import io
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from PIL import Image as PILImage
 from torch import nn
 
-from contrastive.modalities.base import Modality, register_modality
+from contrastive.modalities.base import ConfigError, Modality, register_modality
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -24,6 +24,12 @@ CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvisi
 class Image(Modality):
     extensions = ("jpg", "jpeg", "png", "webp")
 
+    # An open_clip model name: the tower, its sizes and its preprocessing from open_clip's config of it
+    # (the hand-written fields below then follow it); none: the hand-written ViT below.
+    open_clip: Optional[str] = None
+    # With open_clip: a tag of open_clip's registry (looked up in the Hugging Face cache) or a file.
+    pretrained: Optional[str] = None
+    quick_gelu: bool = False  # QuickGELU activations (OpenAI's weights); set by the name or tag when they say so
     image_size: int = 224
     patch_size: int = 16
     width: int = 768
@@ -32,6 +38,8 @@ class Image(Modality):
     mlp_ratio: float = 4.0
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
+    interpolation: str = "bicubic"  # evaluation resize: bicubic | bilinear (training crops are bicubic, as open_clip's)
+    resize_mode: str = "shortest"  # evaluation: shortest (resize, centre crop) | longest (pad) | squash
     # RandomResizedCrop scale range of the training transform (open_clip's default).
     train_crop_scale: tuple[float, float] = (0.9, 1.0)
     patch_dropout: float = 0.0
@@ -39,8 +47,32 @@ class Image(Modality):
     max_pixels: int = 89_478_485
 
     def __post_init__(self):
+        if self.open_clip:
+            self._follow_open_clip()
         self._transforms = {}  # train flag -> transform, built on first use
         self._mean_std = (torch.tensor(self.mean).view(-1, 1, 1), torch.tensor(self.std).view(-1, 1, 1))
+
+    def _follow_open_clip(self) -> None:
+        """Sizes and preprocessing from open_clip's config of the name and the tag's, so that the
+        recorded fields (checkpoints, exports) describe the tower and its inputs."""
+        from contrastive.pretrained import model_config, preprocess_config, uses_quick_gelu
+
+        vision = model_config(self.open_clip)["vision_cfg"]
+        pre = preprocess_config(self.open_clip, self.pretrained)
+        size = pre["size"]
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                raise ConfigError(
+                    f"modality.image.open_clip={self.open_clip}: non-square inputs {size} are not supported"
+                )
+            size = size[0]
+        self.image_size = int(size)
+        self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
+        self.interpolation, self.resize_mode = pre["interpolation"], pre["resize_mode"]
+        self.quick_gelu = self.quick_gelu or uses_quick_gelu(self.open_clip, self.pretrained)
+        for field in ("patch_size", "width", "layers", "head_width", "mlp_ratio"):
+            if isinstance(vision.get(field), (int, float)):
+                setattr(self, field, vision[field])
 
     def decode(self, data: bytes, extension: str) -> PILImage.Image:
         img = PILImage.open(io.BytesIO(data))
@@ -64,6 +96,8 @@ class Image(Modality):
                 is_train=train,
                 mean=tuple(self.mean),
                 std=tuple(self.std),
+                resize_mode=self.resize_mode,
+                interpolation=self.interpolation,
                 aug_cfg=AugmentationCfg(scale=tuple(self.train_crop_scale)),
             )
         return self._transforms[train]
@@ -121,6 +155,10 @@ class Image(Modality):
     @cached_property
     def open_clip_vision_cfg(self) -> dict[str, Any]:
         """The tower as open_clip's `vision_cfg` (used to build it, and to export it for open_clip)."""
+        if self.open_clip:
+            from contrastive.pretrained import model_config
+
+            return model_config(self.open_clip)["vision_cfg"]
         return dict(
             image_size=self.image_size,
             patch_size=self.patch_size,
@@ -131,14 +169,29 @@ class Image(Modality):
             patch_dropout=self.patch_dropout,
         )
 
-    def from_open_clip(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This tower's weights from an open_clip CLIP state dict (its `visual.*` entries)."""
         return {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
 
     def to_open_clip(self, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"visual.{k}": v for k, v in tower.items()}
 
+    def pretrained_weights(self) -> dict[str, torch.Tensor] | None:
+        """The released weights of the tower (`pretrained`), or None."""
+        if not (self.open_clip and self.pretrained):
+            return None
+        from contrastive.pretrained import tower_weights
+
+        return tower_weights(
+            self.open_clip, self.pretrained, "visual.", quick_gelu=self.quick_gelu, where="modality.image.pretrained"
+        )
+
     def build_encoder(self, embed_dim: int) -> nn.Module:
+        if self.open_clip:
+            from contrastive.pretrained import build_model
+
+            return build_model(self.open_clip, quick_gelu=self.quick_gelu, embed_dim=embed_dim).visual
+        # hand-written sizes: the vision tower open_clip's CLIP builds for them
         from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
-        return _build_vision_tower(embed_dim, CLIPVisionCfg(**self.open_clip_vision_cfg))
+        return _build_vision_tower(embed_dim, CLIPVisionCfg(**self.open_clip_vision_cfg), quick_gelu=self.quick_gelu)

@@ -1,10 +1,11 @@
-"""Text: UTF-8 captions, open_clip's bundled BPE tokenizer, and open_clip's text transformer."""
+"""Text: UTF-8 captions, open_clip's tokenizer, and open_clip's text tower: hand-written sizes, or
+any open_clip model's by name (`open_clip=ViT-B-32`, its tokenizer too)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -17,6 +18,12 @@ from contrastive.modalities.base import Modality, register_modality
 class Text(Modality):
     extensions = ("txt",)
 
+    # An open_clip model name: the tower, its tokenizer and sizes from open_clip's config of it (the
+    # hand-written fields below then follow it); none: the hand-written transformer below.
+    open_clip: Optional[str] = None
+    # With open_clip: a tag of open_clip's registry (looked up in the Hugging Face cache) or a file.
+    pretrained: Optional[str] = None
+    quick_gelu: bool = False  # QuickGELU activations (OpenAI's weights); set by the name or tag when they say so
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 512
@@ -24,9 +31,24 @@ class Text(Modality):
     layers: int = 12
     mlp_ratio: float = 4.0
 
+    def __post_init__(self):
+        if self.open_clip:
+            from contrastive.pretrained import model_config, uses_quick_gelu
+
+            text = model_config(self.open_clip)["text_cfg"]
+            for field in ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"):
+                if isinstance(text.get(field), (int, float)):
+                    setattr(self, field, text[field])
+            self.quick_gelu = self.quick_gelu or uses_quick_gelu(self.open_clip, self.pretrained)
+
     @cached_property
     def tokenizer(self):
-        """open_clip's BPE tokenizer (its vocabulary ships inside the open_clip wheel)."""
+        """open_clip's tokenizer: the model's own with a name (a Hugging Face one for HF text towers),
+        else its BPE tokenizer (the vocabulary ships inside the open_clip wheel)."""
+        if self.open_clip:
+            import open_clip
+
+            return open_clip.get_tokenizer(self.open_clip)
         from open_clip.tokenizer import SimpleTokenizer
 
         return SimpleTokenizer(context_length=self.context_length)
@@ -55,6 +77,10 @@ class Text(Modality):
     @cached_property
     def open_clip_text_cfg(self) -> dict[str, Any]:
         """The tower as open_clip's `text_cfg` (used to build it, and to export it for open_clip)."""
+        if self.open_clip:
+            from contrastive.pretrained import model_config
+
+            return model_config(self.open_clip)["text_cfg"]
         return dict(
             context_length=self.context_length,
             vocab_size=self.vocab_size,
@@ -64,7 +90,14 @@ class Text(Modality):
             mlp_ratio=self.mlp_ratio,
         )
 
-    def from_open_clip(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    @property
+    def custom_text(self) -> bool:
+        """open_clip keeps this text tower as a module of its own (`text.*`), not CLIP's top-level keys."""
+        from contrastive.pretrained import custom_text
+
+        return bool(self.open_clip) and custom_text(self.open_clip)
+
+    def from_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This tower's weights from an open_clip state dict: CLIP keeps the text tower's tensors at
         the top level (token_embedding, transformer, ln_final, text_projection, ...), CustomTextCLIP
         under `text.`."""
@@ -77,9 +110,24 @@ class Text(Modality):
         }
 
     def to_open_clip(self, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(tower)
+        return {f"text.{k}": v for k, v in tower.items()} if self.custom_text else dict(tower)
+
+    def pretrained_weights(self) -> dict[str, torch.Tensor] | None:
+        """The released weights of the tower (`pretrained`), or None."""
+        if not (self.open_clip and self.pretrained):
+            return None
+        from contrastive.pretrained import tower_weights
+
+        return tower_weights(
+            self.open_clip, self.pretrained, "text.", quick_gelu=self.quick_gelu, where="modality.text.pretrained"
+        )
 
     def build_encoder(self, embed_dim: int) -> nn.Module:
+        if self.open_clip:
+            from contrastive.pretrained import build_model
+
+            return build_model(self.open_clip, quick_gelu=self.quick_gelu, embed_dim=embed_dim).text
+        # hand-written sizes: the text tower open_clip's CLIP builds for them
         from open_clip.model import CLIPTextCfg, _build_text_tower
 
-        return _build_text_tower(embed_dim, CLIPTextCfg(**self.open_clip_text_cfg))
+        return _build_text_tower(embed_dim, CLIPTextCfg(**self.open_clip_text_cfg), quick_gelu=self.quick_gelu)
