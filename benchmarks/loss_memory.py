@@ -34,11 +34,11 @@ def measure(impl: str, n: int, dim: int, tile: int, device: str, repeats: int) -
     b = F.normalize(torch.randn(n, dim, device=dev), dim=-1).requires_grad_()
     scale = torch.tensor(14.3, device=dev, requires_grad=True)
     valid = torch.ones(n, dtype=torch.bool, device=dev)
-    if impl == "ours_tiled":
+    if impl in ("ours_tiled", "ours_plain"):
         from contrastive.loss.infonce import info_nce
 
         def run():
-            return info_nce(a, b, valid, scale, tile_size=tile)
+            return info_nce(a, b, valid, scale, tile_size=tile if impl == "ours_tiled" else 0)
     else:
         from open_clip.loss import ClipLoss
 
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--child", choices=["ours_tiled", "open_clip"])
+    parser.add_argument("--child", choices=["ours_tiled", "ours_plain", "open_clip"])
     parser.add_argument("--n", type=int)
     args = parser.parse_args()
     if args.child:

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, Mapping
 
+import torch
+
 log = logging.getLogger("contrastive.train")
 
 
@@ -70,7 +72,10 @@ class Progress:
     def figures(self) -> dict[str, float]:
         sps = self.samples / max(self.time, 1e-9)
         mfu = self.flops_per_sample * sps / (self.peak_flops * self.world_size) if self.peak_flops else float("nan")
-        return {"samples_per_s": sps, "mfu": mfu, "data_wait_frac": self.data_time / max(self.time, 1e-9)}
+        out = {"samples_per_s": sps, "mfu": mfu, "data_wait_frac": self.data_time / max(self.time, 1e-9)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's GPU, since the start
+            out["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
 
     def report(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """At a logging step: the window's figures (then a new window), and the line when there is no bar."""

@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, device: str = "cpu") -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -30,7 +30,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
         torch.set_num_threads(1)
         from contrastive.distributed import init_distributed
 
-        init_distributed("cpu")
+        init_distributed(device)
         # Sent as bytes: tensors put on a queue directly travel by shared memory, which vanishes
         # when this process exits before the parent has read them.
         buf = io.BytesIO()
@@ -45,11 +45,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300) -> list[Any]:
+def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300, device: str = "cpu") -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, device)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -22,7 +22,7 @@ def test_open_clip_torchvision_torchaudio_import():
     assert open_clip.tokenizer.SimpleTokenizer(context_length=8)("hi").shape == (1, 8)
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_matmul():
     x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
