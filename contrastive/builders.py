@@ -104,7 +104,7 @@ def build_dataset(
     """A rank's loader dataset over `spec` (a directory, or a list of directories or {path, weight}),
     read as `settings` (data.*) say: for training, or (train=False) in order, for evaluation. With
     `check`, the preflight runs first (see contrastive.data.checks)."""
-    sources = load_sources(spec)
+    sources = load_sources(spec, num_samples=settings.train_num_samples if train else 0)
     batch_size = settings.batch_size if train else settings.eval_batch_size
     if check:
         preflight(
@@ -120,6 +120,7 @@ def build_dataset(
         return ShardDataset(
             sources,
             modalities,
+            prefetch_bytes=settings.prefetch_mb << 20,
             batch_size=batch_size,
             train=False,
             seed=seed,
@@ -140,4 +141,5 @@ def build_dataset(
         resampled=settings.resampled,
         epoch_samples=settings.epoch_samples,
         modality_dropout=settings.modality_dropout,
+        prefetch_bytes=settings.prefetch_mb << 20,
     )

@@ -52,7 +52,7 @@ def embed_shard(
     keys: dict[str, list] = {m: [] for m in modalities}
     labels: dict[str, list] = {m: [] for m in modalities}
     counts: Counter = Counter()
-    slots = read_segments([(shard, 0, shard.samples)])
+    slots = read_segments([(shard, 0, shard.samples, None)])
     while True:
         group = [slot for _, slot in zip(range(batch_size), slots)]
         if not group:

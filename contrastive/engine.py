@@ -322,16 +322,83 @@ class Engine:
             out[name] = max(out.get(name, 0.0), group["lr"])
         return out if len(out) > 1 else {}
 
+    def optimizer_moments(self) -> dict[str, float]:
+        """The L2 norms of the optimizer's moments over every trained parameter and its step count,
+        whatever the partitioning (collective under ZeRO): what a resume can be checked by."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
+        squares = torch.zeros(2, dtype=torch.float64)
+        steps = []
+        for state in inner.state.values():  # ZeRO: this rank's flat partitions; else every parameter
+            for i, key in enumerate(("exp_avg", "exp_avg_sq")):
+                if key in state:
+                    squares[i] += state[key].double().square().sum().cpu()
+            if "step" in state:
+                steps.append(float(state["step"]))
+        if self.zero_stage >= 1 and torch.distributed.is_initialized():
+            total = squares.to(self.device)
+            torch.distributed.all_reduce(total)  # the partitions are disjoint
+            squares = total.cpu()
+        return {"exp_avg": math.sqrt(squares[0]), "exp_avg_sq": math.sqrt(squares[1]), "step": max(steps, default=0.0)}
+
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
-    def load(self, directory: Path, tag: str) -> dict[str, Any]:
+        # what DeepSpeed's ds_to_universal needs to re-partition it for another number of ranks
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={**info, **client_state}, save_latest=False)
+
+    def load(self, directory: Path, tag: str, *, saved_world_size: int | None = None) -> dict[str, Any]:
+        """Weights, optimizer states and schedule from checkpoint `directory/tag`. One saved by another
+        number of ranks with partitioned optimizer states (ZeRO 1-3, bf16) goes through DeepSpeed's
+        universal checkpoint: rank 0 converts it (ds_to_universal: every parameter's fp32 weights and
+        optimizer moments, whole) and every rank loads its new partition from that."""
+        checkpoint = Path(directory) / tag
+        partitioned = any(checkpoint.glob("*zero_pp_rank_*optim_states.pt"))
+        if saved_world_size not in (None, torch.distributed.get_world_size()) and partitioned:
+            return self._load_universal(checkpoint)
         path, client_state = self.engine.load_checkpoint(
             str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {directory}")
+        return client_state or {}
+
+    def _load_universal(self, checkpoint: Path) -> dict[str, Any]:
+        import shutil
+        import subprocess
+        import sys
+
+        from contrastive.distributed import barrier, rank
+
+        universal = checkpoint.parent / ".universal" / checkpoint.name
+        if rank() == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+            universal.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
+            command += [str(checkpoint), "--output_folder", str(universal), "--inject_missing_state"]
+            command += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"ds_to_universal could not convert {checkpoint}:\n{done.stderr[-4000:]}")
+            log.info("converted %s to a universal checkpoint for this number of ranks", checkpoint.name)
+        barrier()
+        self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint, as the config's flag
+        try:
+            path, client_state = self.engine.load_checkpoint(
+                str(universal.parent), tag=universal.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        barrier()
+        if rank() == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the universal checkpoint made from {checkpoint}")
         return client_state or {}
 
 

@@ -10,10 +10,11 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from contrastive.data.decode import BAD_SHARD
-from contrastive.data.pipeline import DataPosition
+from contrastive.data.pipeline import DataPosition, ShardDataset
+from contrastive.data.shards import DataError
 from contrastive.distributed import world_size
 from contrastive.progress import Progress
 from contrastive.tracking import MetricsLogger
@@ -37,6 +38,9 @@ class TrainerConfig:
     eval_every: int = 0  # steps; 0 evaluates at the end only
     save_every: int = 0  # steps; 0 saves at the end only
     keep_last: int = 2  # checkpoints kept
+    # a URL (s3://, gs://, ...) checkpoints are uploaded to when complete, `latest` moved last; resume=latest
+    # in an empty run directory fetches from there (see contrastive.checkpoint)
+    checkpoint_dir: Optional[str] = None
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     progress: bool = True  # a progress bar on a terminal; else (or false) a log line every log_every steps
     peak_tflops: float = 0.0  # one device's peak for MFU; 0: datasheet (known GPUs) or measured (CPU)
@@ -68,6 +72,62 @@ class TrainState:
             counts=Counter(d["counts"]),
             skipped_steps=d.get("skipped_steps", 0),
         )
+
+
+def global_batch(layout: Mapping[str, int], accumulate: int) -> int:
+    """Samples a step contrasts: ranks x data.batch_size x trainer.accumulate (cached features)."""
+    return layout["world_size"] * layout["batch_size"] * accumulate
+
+
+def resumed_state(meta: Mapping[str, Any], dataset: ShardDataset, *, accumulate: int) -> TrainState:
+    """The state a run continues from, from its checkpoint's record `meta`: as saved, or, on another
+    layout (ranks, loader workers, batch size), with the loader's position carried over: the rest of
+    the interrupted epoch, each of its samples once, then whole epochs in the new layout.
+
+    The rule for the global batch: it is the experiment's, so it is kept. Ranks x data.batch_size x
+    trainer.accumulate must equal the checkpoint's (accumulation contrasts its batches as one, so 2
+    ranks x 64 become 1 rank x 64 x accumulate 2); another one is refused with the settings that keep
+    it. The data must be the same shards (their names and counts; they may be read from elsewhere)."""
+    state = TrainState.from_dict(meta["state"])
+    saved, now = meta["data_layout"], dataset.layout()
+    mid_epoch = state.position.batch > 0 or bool(state.position.plan)
+    if mid_epoch and meta.get("data_fingerprint", dataset.fingerprint()) != dataset.fingerprint():
+        raise DataError(
+            "resume: data.train is not the data the checkpoint was trained on (other shards, or other "
+            "sample counts), so the interrupted epoch cannot be finished exactly. Resume with the same "
+            "shards (they may be at another place), or start a new run from an export of the checkpoint"
+        )
+    if saved == now:
+        return state
+    saved_accumulate = meta.get("accumulate", meta.get("config", {}).get("trainer", {}).get("accumulate", 1))
+    before, after = global_batch(saved, saved_accumulate), global_batch(now, accumulate)
+    if before != after:
+        ranks, per_rank = now["world_size"], saved["batch_size"]
+        ways = []
+        if before % ranks == 0:
+            ways.append(f"data.batch_size={before // ranks} trainer.accumulate=1")
+            if (before // ranks) % per_rank == 0 and before // ranks != per_rank:
+                ways.append(f"data.batch_size={per_rank} trainer.accumulate={before // ranks // per_rank}")
+        raise DataError(
+            f"resume: the checkpoint trained with a global batch of {before} ({saved['world_size']} ranks x "
+            f"data.batch_size {saved['batch_size']} x trainer.accumulate {saved_accumulate}); this run has "
+            f"{after} ({ranks} x {now['batch_size']} x {accumulate}). The global batch is kept across "
+            + (
+                f"allocations: on {ranks} ranks set {' or '.join(ways)}"
+                if ways
+                else f"allocations, and {ranks} ranks cannot hold {before}"
+            )
+        )
+    state.position = dataset.carry_over(state.position, saved)
+    log.info(
+        "resume on another layout: %s -> %s; the rest of epoch %d (%d samples) is split over the new "
+        "layout, each sample once",
+        saved,
+        now,
+        state.position.epoch,
+        dataset.epoch_total(state.position.epoch) if state.position.plan else 0,
+    )
+    return state
 
 
 def sum_counts(counts: Mapping[str, int]) -> Counter:

@@ -20,7 +20,10 @@ TINY = {
 
 
 def tiny_modalities(names=("image", "audio", "text")):
-    return {n: build_modality(n, **TINY[n]) for n in names}
+    mods = {n: build_modality(n, **TINY[n]) for n in names}
+    if "text" in mods:  # its tokenizer imports open_clip (seconds): once here, not in each forked loader worker
+        assert mods["text"].tokenizer is not None
+    return mods
 
 
 def png(seed: int, size: int = 16) -> bytes:

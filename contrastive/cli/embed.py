@@ -21,6 +21,7 @@ from pathlib import Path
 def embed(args) -> int:
     from contrastive.cli.evaluate import load_model
     from contrastive.data.shards import list_shards
+    from contrastive.data.storage import redact
     from contrastive.distributed import barrier, init_distributed
     from contrastive.embed import embed_shards
 
@@ -44,7 +45,8 @@ def embed(args) -> int:
     if dist.is_main:
         (args.out / "embed.json").write_text(
             json.dumps(
-                {"model": str(Path(args.model).resolve()), "data": str(data), "modalities": modalities}, indent=1
+                {"model": str(Path(args.model).resolve()), "data": redact(str(data)), "modalities": modalities},
+                indent=1,
             )
             + "\n"
         )
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("embed", help="embed every sample of a dataset, per modality")
     e.add_argument("model", type=Path, help="an export directory, a checkpoint or a run directory")
     source = e.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="a dataset directory (shards + sizes.json)")
+    source.add_argument("--data", help="a dataset: a directory of shards, a URL, a brace list or pipe:COMMAND")
     source.add_argument("--manifest", type=Path, help="a CSV/JSONL manifest (made into shards under --out first)")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--modalities", nargs="+", help="default: every modality of the model")

@@ -38,7 +38,9 @@ from contrastive.builders import (
     import_modules,
 )
 from contrastive.checkpoint import (
+    RemoteCheckpoints,
     load_checkpoint,
+    read_meta,
     record_metrics,
     resolve_resume,
     rng_state,
@@ -49,6 +51,7 @@ from contrastive.config import CONFIG_DIR, as_schema, register_configs, validate
 from contrastive.data.checks import check_bad_fraction
 from contrastive.data.pipeline import batches
 from contrastive.data.shards import DataError
+from contrastive.data.storage import configure_storage
 from contrastive.distributed import DistInfo, barrier, init_distributed, same_on_every_rank
 from contrastive.engine import Engine, deepspeed_config
 from contrastive.evaluation import Evaluator, eval_sets, format_table
@@ -59,7 +62,7 @@ from contrastive.preemption import StopRequest
 from contrastive.progress import Progress
 from contrastive.towers import apply_tower_settings, load_released_weights
 from contrastive.tracking import MetricsLogger, read_metrics
-from contrastive.train import Hooks, TrainState, train_loop
+from contrastive.train import Hooks, TrainState, resumed_state, train_loop
 
 log = logging.getLogger("contrastive")
 
@@ -115,6 +118,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         ),
         attention=trainer.attention,
     )
+    configure_storage(data_cfg.storage_options)  # fsspec options for remote shards and checkpoints
     if data_cfg.train is None:
         raise DataError("data.train: no training data given (a directory of shards, or a list of them)")
     where = dict(seed=trainer.seed, rank=dist.rank, world_size=dist.world_size)
@@ -123,22 +127,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     evaluator = Evaluator(sets, modalities, typed(cfg.eval), data_cfg, **where) if sets else None
 
     state = TrainState()
-    checkpoint = resolve_resume(cfg.resume, run_dir)
+    remote = RemoteCheckpoints(trainer.checkpoint_dir, trainer.keep_last) if trainer.checkpoint_dir else None
+    if remote is not None:
+        remote.check()
+    checkpoint = resolve_resume(cfg.resume, run_dir, remote)
     if checkpoint is not None:
-        meta, mine = load_checkpoint(checkpoint, engine)
-        if meta["data_layout"] != train_set.layout():
-            raise DataError(
-                f"resume: the checkpoint's data position is for {meta['data_layout']}, this run has "
-                f"{train_set.layout()}; exact resume needs the same ranks, workers and batch size"
-            )
-        state = TrainState.from_dict(meta["state"])
-        set_rng_state(mine["rng"])
+        # the data position first: what cannot be honoured is refused before any weight is read
+        state = resumed_state(read_meta(checkpoint), train_set, accumulate=trainer.accumulate)
+        _, mine = load_checkpoint(checkpoint, engine)
+        if "rng" in mine:
+            set_rng_state(mine["rng"])
+        else:  # a rank the saving run did not have
+            torch.manual_seed(trainer.seed + 7919 * dist.rank + state.step)
+        moments = engine.optimizer_moments()
         log.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
+            "resumed from %s at step %d (epoch %d, batch %d); optimizer moments: |exp_avg| %.6e, "
+            "|exp_avg_sq| %.6e, step %d",
             checkpoint,
             state.step,
             state.position.epoch,
             state.position.batch,
+            moments["exp_avg"],
+            moments["exp_avg_sq"],
+            moments["step"],
         )
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -169,12 +180,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             state.step,
             engine,
             keep_last=trainer.keep_last,
+            remote=remote,
             rank_state={"rng": rng_state()},
             meta={
                 "state": state.to_dict(),
                 # each stream's position follows from (epoch, batch) and the layout;
                 # written out so a reader sees where every rank and worker stands
                 "data_layout": train_set.layout(),
+                "data_fingerprint": train_set.fingerprint(),
+                "accumulate": trainer.accumulate,
                 "data_streams": {r: train_set.stream_position(state.position.batch) for r in range(dist.world_size)},
                 "config": config,
                 "metrics": evaluations.get(state.step, {}),
@@ -231,7 +245,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     metrics = evaluate(state.step) if evaluator is not None else {}
     logger.log(state.step, metrics)
     logger.close()
-    record_metrics(final, metrics)
+    record_metrics(final, metrics, remote)
     if dist.is_main and evaluator is None:
         write_plots(run_dir, read_metrics(run_dir))
     if dist.is_main:

@@ -4,5 +4,15 @@ from contrastive.data.pipeline import DataPosition, ShardDataset, batches, make_
 from contrastive.data.shards import DataError, Shard, ShardWriter, list_shards
 from contrastive.data.sources import Source, load_sources
 
-__all__ = ["DataError", "DataPosition", "Shard", "ShardDataset", "ShardWriter", "Source", "batches", "list_shards",
-           "load_sources", "make_loader"]
+__all__ = [
+    "DataError",
+    "DataPosition",
+    "Shard",
+    "ShardDataset",
+    "ShardWriter",
+    "Source",
+    "batches",
+    "list_shards",
+    "load_sources",
+    "make_loader",
+]

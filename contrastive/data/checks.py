@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 from contrastive.data.decode import BAD_SHARD, NOT_LOST
 from contrastive.data.shards import DataError
 from contrastive.data.sources import Source, iter_tar_samples
+from contrastive.data.storage import permanent, redact
 from contrastive.modalities.base import Modality
 
 log = logging.getLogger("contrastive.data")
@@ -35,31 +36,48 @@ def preflight(
     shards = [s for src in sources for s in src.shards]
     total = sum(s.samples for s in shards)
     workers = world_size * max(num_workers, 1)
-    paths = ", ".join(src.path for src in sources)
+    paths = ", ".join(redact(src.path) for src in sources)
     if total == 0:
         raise DataError(f"{what}: {paths} holds no samples")
     if train and total < workers * batch_size:
-        log.warning("%s: %d samples fill less than one batch per worker (%d ranks x %d workers x batch %d): "
-                    "most rows of every batch are padding; lower data.batch_size or data.num_workers",
-                    what, total, world_size, max(num_workers, 1), batch_size)
+        log.warning(
+            "%s: %d samples fill less than one batch per worker (%d ranks x %d workers x batch %d): "
+            "most rows of every batch are padding; lower data.batch_size or data.num_workers",
+            what,
+            total,
+            world_size,
+            max(num_workers, 1),
+            batch_size,
+        )
     # Workers sharing a shard each read past the others' parts of it: worth a word only when the
     # data is big enough for that to show (a small eval set read by two workers is not).
     if len(shards) < workers and total > SHARED_SHARD_WARNING_BATCHES * workers * batch_size:
-        log.warning("%s: %d shards for %d ranks x workers: workers read parts of the same shards (correct, "
-                    "but each skips its share of a shard's bytes); more shards than ranks x workers read faster",
-                    what, len(shards), workers)
+        log.warning(
+            "%s: %d shards for %d ranks x workers: workers read parts of the same shards (correct, "
+            "but each skips its share of a shard's bytes); more shards than ranks x workers read faster",
+            what,
+            len(shards),
+            workers,
+        )
     seen: Counter = Counter()
-    probed = 0
-    for shard in shards[: max(1, min(len(shards), 8))]:
+    probed, failures = 0, []
+    probe = shards[: max(1, min(len(shards), 8))]
+    for shard in probe:
         try:
             for sample in itertools.islice(iter_tar_samples(shard.path), probe_samples):
                 probed += 1
                 for name, m in modalities.items():
                     seen[name] += any(ext in sample for ext in m.extensions)
-        except Exception as e:  # noqa: BLE001 - a broken shard is reported by the loader, not here
-            log.warning("%s: preflight could not read %s: %s", what, shard.name, e)
+        except Exception as e:  # noqa: BLE001 - a broken shard is the loader's to count, unless it is a wrong place
+            if permanent(e) or (isinstance(e, OSError) and not probed):
+                # a wrong bucket, path or credential, or storage that fails before anything was read
+                raise DataError(f"{what}: cannot read {redact(shard.path)}: {type(e).__name__}: {e}") from None
+            failures.append(f"{redact(shard.path)}: {type(e).__name__}: {e}")
+            log.warning("%s: preflight could not read %s: %s", what, redact(shard.path), e)
         if probed >= probe_samples:
             break
+    if failures and not probed:
+        raise DataError(f"{what}: none of the first {len(failures)} shards could be read: " + "; ".join(failures))
     missing = [name for name in modalities if probed and seen[name] == 0]
     if missing and (train or len(missing) == len(modalities)):
         wanted = {n: list(modalities[n].extensions) for n in missing}
@@ -67,9 +85,16 @@ def preflight(
             f"{what}: configured modalities {missing} appear in none of the first {probed} samples of {paths} "
             f"(looked for extensions {wanted}). Remove them from `modalities` or point the data elsewhere."
         )
-    log.info("%s: %d samples in %d shards, %d ranks x %d workers; modality coverage in the first %d samples: %s",
-             what, total, len(shards), world_size, max(num_workers, 1), probed,
-             ", ".join(f"{n} {seen[n] / max(probed, 1):.0%}" for n in modalities))
+    log.info(
+        "%s: %d samples in %d shards, %d ranks x %d workers; modality coverage in the first %d samples: %s",
+        what,
+        total,
+        len(shards),
+        world_size,
+        max(num_workers, 1),
+        probed,
+        ", ".join(f"{n} {seen[n] / max(probed, 1):.0%}" for n in modalities),
+    )
     return {"samples": total, "shards": len(shards)}
 
 
@@ -80,10 +105,11 @@ def check_bad_fraction(counts: Mapping[str, int], *, max_fraction: float, min_sl
     bad = counts.get("bad_samples", 0)
     if slots < min_slots or bad <= max_fraction * slots:
         return
-    worst = sorted(((v, k[len(BAD_SHARD):]) for k, v in counts.items() if k.startswith(BAD_SHARD)), reverse=True)[:5]
+    worst = sorted(((v, k[len(BAD_SHARD) :]) for k, v in counts.items() if k.startswith(BAD_SHARD)), reverse=True)[:5]
     kinds = {k: v for k, v in counts.items() if k.startswith("bad/") and k not in NOT_LOST}
     raise DataError(
         f"{bad} of {slots} samples read ({bad / slots:.1%}) were bad, above data.max_bad_fraction={max_fraction}. "
-        f"By kind: {kinds}. Worst shards: " + ", ".join(f"{name} ({n})" for n, name in worst)
+        f"By kind: {kinds}. Worst shards: "
+        + ", ".join(f"{name} ({n})" for n, name in worst)
         + ". Check them with `contrastive-data verify`, or raise data.max_bad_fraction."
     )

@@ -38,6 +38,8 @@ NOT_LOST = ("bad/unknown_extension", "bad/json", "bad/sizes_mismatch")
 def lost(counts: Mapping[str, int]) -> int:
     """Bad-input events that cost a sample or one of its modalities."""
     return sum(v for k, v in counts.items() if k.startswith("bad/") and k not in NOT_LOST)
+
+
 WARN_FIRST = 5  # warnings per kind of bad input and worker; the counters keep counting after that
 CODE_ERROR_AFTER = 3  # failures of a modality that has never succeeded, before they count as a bug
 
@@ -78,8 +80,16 @@ class BatchDecoder:
     A slot is a raw sample (`__key__`, `__shard__`, extension -> bytes), an error slot
     (`__error__`: what went wrong reading the shard) or None (padding at the end of an epoch)."""
 
-    def __init__(self, modalities: Mapping[str, Modality], *, train: bool, seed: int = 0, epoch: int = 0,
-                 modality_dropout: Mapping[str, float] | None = None, eval_inputs: bool = False):
+    def __init__(
+        self,
+        modalities: Mapping[str, Modality],
+        *,
+        train: bool,
+        seed: int = 0,
+        epoch: int = 0,
+        modality_dropout: Mapping[str, float] | None = None,
+        eval_inputs: bool = False,
+    ):
         self.modalities = dict(modalities)
         self.train = train
         # evaluation: a value holding alternatives (a caption per line) gives each an input of its own
@@ -171,7 +181,8 @@ class BatchDecoder:
                     f"{failed} samples that hold it and has never succeeded: a bug in its decode or "
                     f"preprocess (the traceback of its first failure is above), or data none of which is "
                     f"readable (`contrastive-data verify` tells which). First failure: "
-                    f"{type(first).__name__}: {first}") from first
+                    f"{type(first).__name__}: {first}"
+                ) from first
 
     def __call__(self, slots: list[dict[str, Any] | None]) -> dict[str, Any]:
         counts: Counter = Counter()
@@ -185,6 +196,7 @@ class BatchDecoder:
                 metas.append(meta)
                 continue
             before = lost(counts)
+            counts["retries"] += slot.get("__retries__", 0)  # of the remote reads that brought it
             if "__error__" in slot:
                 counts[f"bad/{slot['__error__']}"] += 1
             else:
@@ -214,8 +226,12 @@ class BatchDecoder:
         batch["label_id"] = torch.tensor([label_id(m["label"]) for m in metas], dtype=torch.long)
         if self.eval_inputs:  # each modality's further inputs and the batch row each belongs to
             for kind, by_modality in further.items():
-                batch[kind] = {name: {"inputs": torch.stack([x for _, x in items]),
-                                      "rows": torch.tensor([i for i, _ in items], dtype=torch.long)}
-                               for name, items in by_modality.items()}
+                batch[kind] = {
+                    name: {
+                        "inputs": torch.stack([x for _, x in items]),
+                        "rows": torch.tensor([i for i, _ in items], dtype=torch.long),
+                    }
+                    for name, items in by_modality.items()
+                }
         batch["counts"] = dict(counts)
         return batch

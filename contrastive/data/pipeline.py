@@ -11,20 +11,24 @@ from it, each worker knows how many of its batches to skip, without decoding the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import webdataset as wds
 
+from contrastive.data import elastic
 from contrastive.data.decode import BatchDecoder
 from contrastive.data.settings import DataConfig
 from contrastive.data.shards import DataError
-from contrastive.data.sources import Source, exact_slots, resampled_slots, span
+from contrastive.data.sources import Source, epoch_order, exact_slots, read_segments, resampled_slots, span
+from contrastive.data.storage import STORAGE_OPTIONS, configure_storage
 from contrastive.modalities.base import Modality
 from contrastive.preemption import ignore_in_worker
 
@@ -37,10 +41,13 @@ def group_slots(slots: Iterator[Any], *, batch_size: int, batches: int) -> Itera
 
 @dataclass
 class DataPosition:
-    """Where a rank's loader stands: the epoch and how many batches of it this rank has consumed."""
+    """Where a rank's loader stands: the epoch and how many batches of it this rank has consumed;
+    `plan`: the layouts this epoch ran under before (each with the batches it consumed), when a run was
+    resumed on another layout (see contrastive.data.elastic)."""
 
     epoch: int = 0
     batch: int = 0
+    plan: list = field(default_factory=list)
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -65,6 +72,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         resampled: bool = False,
         epoch_samples: int = 0,
         modality_dropout: Mapping[str, float] | None = None,
+        prefetch_bytes: int = DataConfig.prefetch_mb << 20,
     ):
         self.sources = list(sources)
         self.resampled = resampled
@@ -81,41 +89,100 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.loader_workers = num_workers  # DataLoader processes; 0 reads in the training process
         self.num_workers = max(num_workers, 1)  # streams the epoch is split into on this rank
         self.epoch, self.start_batch = 0, 0
+        self.plan: list[dict[str, int]] = []  # the layouts epoch `self.epoch` ran under before this one
         self.endless = False  # True: epoch after epoch from (epoch, start_batch), for training
+        self.prefetch_bytes = prefetch_bytes
+        self.storage_options = dict(STORAGE_OPTIONS)  # what a spawned worker reads remote shards with
 
     @property
     def global_workers(self) -> int:
         return self.world_size * self.num_workers
 
-    @property
-    def batches_per_worker(self) -> int:
-        return math.ceil(math.ceil(self.total / self.global_workers) / self.batch_size)
+    def epoch_total(self, epoch: int) -> int:
+        """Samples of `epoch` this layout reads: all, or what the layouts before it left (`plan`)."""
+        if epoch != self.epoch or not self.plan:
+            return self.total
+        if self.resampled:  # draws, not samples: what is left is a number
+            total = self.total
+            for step in self.plan:
+                total -= elastic.trained_count(total, step, step["batches"])
+            return total
+        return elastic.count(self._remaining())
+
+    def _remaining(self) -> elastic.Ranges:
+        key = (self.epoch, repr(self.plan))
+        if getattr(self, "_remaining_key", None) != key:
+            self._remaining_ranges = elastic.remaining(
+                self.total, self.plan, seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer
+            )
+            self._remaining_key = key
+        return self._remaining_ranges
+
+    def batches_per_worker(self, epoch: int) -> int:
+        return math.ceil(math.ceil(self.epoch_total(epoch) / self.global_workers) / self.batch_size)
+
+    def epoch_length(self, epoch: int) -> int:
+        """Batches of `epoch` on this rank (the same on every rank)."""
+        return self.batches_per_worker(epoch) * self.num_workers
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        return self.batches_per_worker * self.num_workers
+        return self.epoch_length(self.epoch)
 
     def stream_position(self, batch: int) -> dict[int, int]:
         """Batches each of this rank's streams has produced once the rank has consumed `batch`."""
         return {w: (batch - w + self.num_workers - 1) // self.num_workers for w in range(self.num_workers)}
 
     def layout(self) -> dict[str, int]:
-        """What an exact resume needs to be unchanged."""
+        """What an exact resume without carrying the position over needs unchanged."""
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size}
+
+    def fingerprint(self) -> str:
+        """The data's identity for a resume: the shards' names and counts (not where they are: the same
+        shards may be read from another place on another cluster)."""
+        names = [(s.name, s.samples) for src in self.sources for s in src.shards]
+        return hashlib.sha256(json.dumps([self.resampled, self.total, names]).encode()).hexdigest()[:16]
+
+    def carry_over(self, position: DataPosition, saved: Mapping[str, int]) -> DataPosition:
+        """The position of a run saved under the layout `saved` (other ranks, workers or batch size),
+        continued under this one: the rest of its epoch, each sample of it once (see
+        contrastive.data.elastic), then whole epochs as ever."""
+        if position.batch == 0:
+            return DataPosition(position.epoch, 0, list(position.plan))
+        carried = DataPosition(position.epoch, 0, [*position.plan, {**saved, "batches": position.batch}])
+        self.epoch, self.plan = carried.epoch, carried.plan
+        if self.epoch_total(carried.epoch) == 0:  # nothing but padding was left of it
+            return DataPosition(position.epoch + 1, 0, [])
+        return carried
 
     def slots(self, stream: int, epoch: int) -> Iterator[dict[str, Any]]:
         worker = self.rank * self.num_workers + stream
+        total = self.epoch_total(epoch)
+        lo, hi = span(total, worker, self.global_workers)
         if self.resampled:
-            lo, hi = span(self.total, worker, self.global_workers)
-            rng = random.Random(f"resampled/{self.seed}/{epoch}/{worker}")
-            return resampled_slots(self.sources, rng=rng, count=hi - lo)
-        return exact_slots(self.sources, seed=self.seed, epoch=epoch, shuffle=self.train, worker=worker,
-                           workers=self.global_workers)
+            depth = f"/{len(self.plan)}" if epoch == self.epoch and self.plan else ""  # fresh draws for the rest
+            rng = random.Random(f"resampled/{self.seed}/{epoch}/{worker}{depth}")
+            return resampled_slots(self.sources, rng=rng, count=hi - lo, prefetch_bytes=self.prefetch_bytes)
+        if epoch == self.epoch and self.plan:
+            shards = [s for src in self.sources for s in src.shards]
+            ordered = epoch_order(shards, seed=self.seed, epoch=epoch, shuffle=self.train)
+            mine = elastic.segments(ordered, elastic.take(self._remaining(), lo, hi))
+            return read_segments(mine, prefetch_bytes=self.prefetch_bytes)
+        return exact_slots(
+            self.sources,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.train,
+            worker=worker,
+            workers=self.global_workers,
+            prefetch_bytes=self.prefetch_bytes,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         if info is not None and info.num_workers != self.num_workers:
             raise DataError(f"dataset built for {self.num_workers} workers runs in {info.num_workers}")
+        configure_storage(self.storage_options)
         # DataLoader takes batches from its workers in turn, starting with worker 0: in the epoch's
         # order, batch i comes from stream i % W. A loader resumed at batch `start_batch` starts with
         # stream start_batch % W, so its worker k reads stream (k + start_batch) % W; each stream
@@ -130,8 +197,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def epoch_batches(self, epoch: int, stream: int, skip: int) -> Iterator[dict[str, Any]]:
         """One stream's batches of one epoch, from its batch `skip` on."""
         # evaluation reads every alternative of a value (each caption line of an image's captions)
-        decoder = BatchDecoder(self.modalities, train=self.train, seed=self.seed, epoch=epoch,
-                               modality_dropout=self.modality_dropout, eval_inputs=not self.train)
+        decoder = BatchDecoder(
+            self.modalities,
+            train=self.train,
+            seed=self.seed,
+            epoch=epoch,
+            modality_dropout=self.modality_dropout,
+            eval_inputs=not self.train,
+        )
         rng = random.Random(f"samples/{self.seed}/{epoch}/{self.rank * self.num_workers + stream}")
         pipeline = wds.DataPipeline(
             # this worker's raw samples: bytes only, exactly its quota of slots
@@ -139,7 +212,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             # shuffle samples in a buffer seeded by (seed, epoch, worker)
             *([wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)] if self.shuffle_buffer else []),
             # fixed-size groups of slots, the same number on every worker
-            lambda slots: group_slots(iter(slots), batch_size=self.batch_size, batches=self.batches_per_worker),
+            lambda slots: group_slots(iter(slots), batch_size=self.batch_size, batches=self.batches_per_worker(epoch)),
             # a resumed run skips the groups it already trained on, before any decoding
             lambda groups: (g for i, g in enumerate(groups) if i >= skip),
             # decode, transform and collate into a dict batch with masks and counters
@@ -180,10 +253,10 @@ def batches(dataset: ShardDataset, position: DataPosition, *, pin_memory: bool =
     DataLoader streams epoch after epoch, so its workers are not restarted at each epoch. Close the
     generator (or let it end) to stop the workers."""
     dataset.epoch, dataset.start_batch, dataset.endless = position.epoch, position.batch, True
-    per_epoch = len(dataset)
+    dataset.plan = list(position.plan)
     with loader_batches(dataset, pin_memory=pin_memory) as stream:
         for batch in stream:
             position.batch += 1
-            if position.batch == per_epoch:
-                position.epoch, position.batch = position.epoch + 1, 0
+            if position.batch == dataset.epoch_length(position.epoch):
+                position.epoch, position.batch, position.plan = position.epoch + 1, 0, []
             yield batch

@@ -20,3 +20,8 @@ class DataConfig:
     modality_dropout: Dict[str, float] = field(default_factory=dict)  # <modality>: drop probability
     max_bad_fraction: float = 0.05  # stop when more of the samples read so far were bad
     bad_check_after: int = 2000  # samples read before the bad fraction is checked
+    # where shards are URLs (s3://, gs://, http(s)://, pipe:...; see contrastive.data.storage):
+    train_num_samples: int = 0  # the training set's total, where no sizes.json counts its shards
+    prefetch_mb: int = 64  # per loader worker and shard: remote bytes read ahead (2 shards at most held)
+    # fsspec options per protocol, e.g. {s3: {endpoint_url: "http://127.0.0.1:9000"}}; no credentials
+    storage_options: Dict[str, Any] = field(default_factory=dict)

@@ -15,7 +15,22 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
+
+from contrastive.data.storage import (
+    PIPE,
+    basename,
+    check_no_secrets,
+    exists,
+    expand,
+    filesystem,
+    is_remote,
+    join,
+    open_shard,
+    read_bytes,
+    redact,
+    write_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +48,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path)
+        return basename(self.path)
 
 
 def sample_key(member_name: str) -> tuple[str | None, str | None]:
@@ -51,47 +66,52 @@ COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: re
 REGULAR = (b"0", b"\0", b"7")  # tar types of a regular file
 
 
-def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of each regular file of the tar at `path`, in order.
+def iter_tar_members(source: str | BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file of a tar, in order: `source` is a location (a path, a URL,
+    pipe:COMMAND; see contrastive.data.storage) or an open buffered binary stream, read sequentially.
 
     Reads the 512-byte headers itself (ustar, GNU long names, pax `path`/`size` records: what tarfile,
     GNU tar and webdataset's writers produce) instead of building a tarfile.TarInfo per member:
     ~0.1 ms a member, a quarter of a loader worker's time on small samples. Compressed tars go
     through tarfile. A bad header or a truncated member raises tarfile.ReadError, as tarfile does."""
-    with open(path, "rb", buffering=1 << 20) as f:
-        if f.peek(6)[:6].startswith(COMPRESSED_MAGIC):
-            yield from _tarfile_members(path)
+    if isinstance(source, (str, os.PathLike)):
+        with open_shard(str(source)) as f:
+            yield from iter_tar_members(f)
+        return
+    f = source
+    if f.peek(6)[:6].startswith(COMPRESSED_MAGIC):
+        yield from _tarfile_members(f)
+        return
+    long_name, pax, offset = None, {}, 0
+    while True:
+        header = f.read(BLOCK)
+        if not header.strip(b"\0"):  # end-of-archive block(s), or the end of the file
+            if offset == 0:
+                raise tarfile.ReadError("empty file")
             return
-        long_name, pax, offset = None, {}, 0
-        while True:
-            header = f.read(BLOCK)
-            if not header.strip(b"\0"):  # end-of-archive block(s), or the end of the file
-                if offset == 0:
-                    raise tarfile.ReadError("empty file")
-                return
-            if len(header) < BLOCK:
-                raise tarfile.ReadError("unexpected end of data (truncated header)")
-            if _header_checksum(header) != _octal(header[148:156]):
-                raise tarfile.ReadError(f"bad checksum in the header at byte {offset}")
-            kind = header[156:157]
-            size = int(pax["size"]) if "size" in pax and kind not in b"xgLK" else _number(header[124:136])
-            content = f.read(size + -size % BLOCK)
-            if len(content) < size:
-                raise tarfile.ReadError("unexpected end of data")
-            offset += BLOCK + len(content)
-            if kind == b"x":
-                pax = _pax_records(content[:size])
-            elif kind == b"L":
-                long_name = content[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
-            elif kind not in b"gK":  # global pax headers and GNU long link names say nothing we use
-                name = long_name or pax.get("path") or _ustar_name(header)
-                long_name, pax = None, {}
-                if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
-                    yield name, content[:size]
+        if len(header) < BLOCK:
+            raise tarfile.ReadError("unexpected end of data (truncated header)")
+        if _header_checksum(header) != _octal(header[148:156]):
+            raise tarfile.ReadError(f"bad checksum in the header at byte {offset}")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax and kind not in b"xgLK" else _number(header[124:136])
+        content = f.read(size + -size % BLOCK)
+        if len(content) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        offset += BLOCK + len(content)
+        if kind == b"x":
+            pax = _pax_records(content[:size])
+        elif kind == b"L":
+            long_name = content[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif kind not in b"gK":  # global pax headers and GNU long link names say nothing we use
+            name = long_name or pax.get("path") or _ustar_name(header)
+            long_name, pax = None, {}
+            if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
+                yield name, content[:size]
 
 
-def _tarfile_members(path: str) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(path, mode="r|*") as tar:
+def _tarfile_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if member.isreg():
                 yield member.name, tar.extractfile(member).read()
@@ -127,10 +147,10 @@ def _ustar_name(header: bytes) -> str:
 def _pax_records(data: bytes) -> dict[str, str]:
     """`<length> <key>=<value>\\n` records."""
     records, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.index(b" ", pos)
         length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
@@ -146,40 +166,115 @@ def count_samples(path: str) -> int:
     return count
 
 
-def list_shards(path: str | os.PathLike) -> list[Shard]:
-    """A dataset directory (or one .tar file) -> its shards with their sample counts.
+def list_shards(spec: str | os.PathLike, *, num_samples: int = 0) -> list[Shard]:
+    """A dataset -> its shards (see `locate`) with their sample counts.
 
-    Counts come from `sizes.json`; when it is missing or does not list a shard, the shard's tar
-    headers are counted instead, with a warning (slow for big datasets: write sizes.json)."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".tar":
-        return [Shard(str(path), count_samples(str(path)))]
-    if not path.is_dir():
-        raise DataError(f"dataset {str(path)!r} does not exist (expected a directory of .tar shards)")
-    tars = sorted(p for p in path.iterdir() if p.suffix == ".tar")
-    if not tars:
-        raise DataError(f"dataset {str(path)!r} holds no .tar shards")
+    Counts come from `sizes.json` beside the shards; where it does not list a shard, from
+    `num_samples` (`data.train_num_samples`: the total, spread evenly over the shards, as open_clip
+    assumes; a shard holding other counts is reported by the loader), or else from the shard's tar
+    headers, read once, with a warning (slow for big datasets: `contrastive-data stats --write-sizes`)."""
+    spec = str(spec)
+    check_no_secrets(spec, "data")
+    try:
+        locations, sizes_at = locate(spec)
+    except FileNotFoundError as e:
+        raise DataError(f"dataset {redact(spec)}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a store's own errors (unreachable, refused): named with the place
+        raise DataError(f"dataset {redact(spec)}: {type(e).__name__}: {e}") from None
+    if not locations:
+        raise DataError(f"dataset {redact(spec)} holds no .tar shards")
     sizes: dict[str, Any] = {}
-    sizes_path = path / SIZES_FILE
-    if sizes_path.exists():
-        try:
-            sizes = json.loads(sizes_path.read_text())
-            if not isinstance(sizes, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            log.warning("%s is unreadable (%s): counting samples from the shards instead", sizes_path, e)
-            sizes = {}
+    try:
+        sizes = _read_sizes(sizes_at) if sizes_at else {}
+    except ValueError as e:
+        log.warning("%s is unreadable (%s): counting samples from the shards instead", redact(sizes_at), e)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"dataset {redact(spec)}: {type(e).__name__}: {e}") from None
+    unknown = [loc for loc in locations if not isinstance(sizes.get(basename(loc)), int)]
+    estimate = {}
+    if unknown and num_samples:
+        log.warning(
+            "%s: no sample counts for %d shards: spreading data.train_num_samples=%d over them (an exact "
+            "epoch needs sizes.json: contrastive-data stats --write-sizes)",
+            redact(spec),
+            len(unknown),
+            num_samples,
+        )
+        estimate = {
+            loc: num_samples // len(unknown) + (i < num_samples % len(unknown)) for i, loc in enumerate(unknown)
+        }
+    elif unknown:
+        log.warning(
+            "%s: %s does not list %d of its %d shards: counting their samples (reads them once; write it "
+            "with contrastive-data stats --write-sizes, or give data.train_num_samples)",
+            redact(spec),
+            SIZES_FILE,
+            len(unknown),
+            len(locations),
+        )
     shards = []
-    for tar in tars:
-        n = sizes.get(tar.name)
+    for location in locations:
+        n = sizes.get(basename(location))
         if not isinstance(n, int) or n < 0:
-            if sizes_path.exists() and sizes:
-                log.warning("%s does not list %s: counting its samples", sizes_path, tar.name)
-            n = count_samples(str(tar))
-        shards.append(Shard(str(tar), n))
-    if not sizes:
-        log.warning("%s has no usable %s: counted the samples of its %d shards", path, SIZES_FILE, len(tars))
+            try:
+                n = estimate[location] if location in estimate else count_samples(location)
+            except OSError as e:
+                raise DataError(f"dataset {redact(spec)}: cannot read {redact(location)}: {e}") from None
+        shards.append(Shard(location, n))
     return shards
+
+
+def locate(spec: str | os.PathLike) -> tuple[list[str], str | None]:
+    """(a dataset's shard locations in order, where its sizes.json is or would be; None for a pipe).
+
+    `spec`: a local directory or .tar file; a URL of a directory (`s3://bucket/data/`,
+    `https://host/data/`: its sizes.json names the shards, else an object store is listed) or of a
+    .tar; a brace list (`.../part-{000000..000099}.tar`); pipe:COMMAND (braces expanded too). See
+    contrastive.data.storage. Raises FileNotFoundError for a place that does not exist."""
+    spec = str(spec)
+    locations = expand(spec)
+    if len(locations) > 1 or spec.startswith(PIPE):
+        head = locations[0]
+        return locations, None if head.startswith(PIPE) else join(head.rsplit("/", 1)[0], SIZES_FILE)
+    if not is_remote(spec):
+        path = Path(spec.removeprefix("file://"))
+        if path.is_file() and path.suffix == ".tar":
+            return [str(path)], str(path.parent / SIZES_FILE)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{str(path)!r} does not exist (expected a directory of .tar shards)")
+        return [str(p) for p in sorted(path.iterdir()) if p.suffix == ".tar"], str(path / SIZES_FILE)
+    if spec.endswith(".tar"):
+        return [spec], join(spec.rsplit("/", 1)[0], SIZES_FILE)
+    sizes_at = join(spec, SIZES_FILE)
+    if exists(sizes_at):
+        return [join(spec, name) for name in sorted(_read_sizes(sizes_at))], sizes_at
+    fs, path = filesystem(spec)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{redact(spec)} does not exist")
+    protocol = spec.split("://", 1)[0]
+    return [f"{protocol}://{p}" for p in sorted(fs.glob(f"{path.rstrip('/')}/*.tar"))], sizes_at
+
+
+def _read_sizes(location: str) -> dict[str, Any]:
+    if not exists(location):
+        return {}
+    sizes = json.loads(read_bytes(location))
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{redact(location)} is not a JSON object")
+    return sizes
+
+
+def write_sizes(spec: str) -> tuple[dict[str, int], str]:
+    """Counts every shard of a dataset from its headers and writes sizes.json beside them: (the
+    counts, where they were written)."""
+    locations, sizes_at = locate(spec)
+    if sizes_at is None:
+        raise DataError(f"{redact(spec)}: a pipe has no place for a {SIZES_FILE}")
+    if not locations:
+        raise DataError(f"dataset {redact(spec)} holds no .tar shards")
+    sizes = {basename(location): count_samples(location) for location in locations}
+    write_bytes(sizes_at, (json.dumps(sizes, indent=1, sort_keys=True) + "\n").encode())
+    return sizes, sizes_at
 
 
 def _members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
@@ -222,8 +317,9 @@ class ShardWriter:
     `sizes.json`. A new shard starts after `max_count` samples or `max_bytes` bytes. Output is
     byte-for-byte deterministic for the same input."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, prefix: str = "shard", max_count: int = 1000,
-                 max_bytes: int = 1 << 30):
+    def __init__(
+        self, out_dir: str | os.PathLike, *, prefix: str = "shard", max_count: int = 1000, max_bytes: int = 1 << 30
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.max_count, self.max_bytes = prefix, max_count, max_bytes

@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import random
 import tarfile
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from contrastive.data.shards import DataError, Shard, iter_tar_members, list_shards, sample_key
+from contrastive.data.storage import prefetched
 
 log = logging.getLogger("contrastive.data")
 
-Segment = tuple[Shard, int, int]  # shard, first sample, number of samples
+# shard, first sample, number of samples, and where these are not contiguous, the sample indices to
+# deliver (an epoch continued on another layout: see contrastive.data.elastic)
+Segment = tuple[Shard, int, int, Optional[frozenset]]
 
 
 @dataclass(frozen=True)
@@ -33,24 +37,28 @@ class Source:
         return sum(s.samples for s in self.shards)
 
 
-def load_sources(spec: Any) -> list[Source]:
-    """`path` | [path, ...] | [{path: ..., weight: ...}, ...] -> sources with their shards."""
+def load_sources(spec: Any, *, num_samples: int = 0) -> list[Source]:
+    """`location` | [location, ...] | [{path: location, weight: ...}, ...] -> sources with their shards.
+    A location is a directory, a URL, a brace list or pipe:COMMAND (see contrastive.data.storage);
+    `num_samples` (data.train_num_samples) stands in for missing sizes.json, spread over the shards."""
     items = spec if isinstance(spec, (list, tuple)) else [spec]
     sources = []
     for item in items:
         path, weight = (item, 1.0) if isinstance(item, str) else (item["path"], float(item.get("weight", 1.0)))
         if weight <= 0:
             raise DataError(f"data: weight of {path} must be positive, got {weight}")
-        sources.append(Source(str(path), tuple(list_shards(path)), weight))
+        share = num_samples if len(items) == 1 else 0
+        sources.append(Source(str(path), tuple(list_shards(path, num_samples=share)), weight))
     if not sources:
         raise DataError("data: no dataset given")
     return sources
 
 
-def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar file in order: members sharing a key, grouped (`__key__`, ext -> bytes)."""
+def iter_tar_samples(source: Any) -> Iterator[dict[str, Any]]:
+    """Samples of one tar in order (a location or an open stream): members sharing a key, grouped
+    (`__key__`, ext -> bytes)."""
     current: dict[str, Any] | None = None
-    for name, content in iter_tar_members(path):
+    for name, content in iter_tar_members(source):
         key, ext = sample_key(name)
         if key is None:
             continue
@@ -64,26 +72,41 @@ def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def read_segments(segments: Sequence[Segment]) -> Iterator[dict[str, Any]]:
-    """Exactly `count` slots per segment: the shard's samples, then error slots for any it could not
+def read_segments(segments: Sequence[Segment], *, prefetch_bytes: int = 64 << 20) -> Iterator[dict[str, Any]]:
+    """Exactly `count` slots per segment: the shard's samples (from `start`, those in `keep` where given),
+    then error slots for any it could not
     deliver (a truncated or unreadable tar, or fewer samples than sizes.json claims). A segment that
     ends at its shard's end checks that nothing follows: samples beyond sizes.json's count are
-    reported on the segment's last slot (`__extra__`) rather than silently never read."""
-    for shard, start, count in segments:
+    reported on the segment's last slot (`__extra__`) rather than silently never read. Remote shards
+    are streamed, the next ones read ahead (at most `prefetch_bytes`); the retries their reading took
+    are reported on the next slot (`__retries__`)."""
+    retries: deque = deque()  # one entry per retry, appended by the reading thread
+    streams = prefetched(
+        [segment[0].path for segment in segments], prefetch_bytes=prefetch_bytes, on_retry=lambda: retries.append(1)
+    )
+
+    def tagged(slot: dict[str, Any]) -> dict[str, Any]:
+        if retries:
+            slot["__retries__"] = slot.get("__retries__", 0) + sum(retries.popleft() for _ in range(len(retries)))
+        return slot
+
+    for (shard, start, count, keep), (_, stream) in zip(segments, streams):
+        end = max(keep) + 1 if keep else start + count
         delivered, reason, extra = 0, None, 0
         last = None
         try:
-            for index, sample in enumerate(iter_tar_samples(shard.path)):
-                if delivered == count:
-                    if start + count < shard.samples:
-                        break
-                    extra += 1  # sizes.json says the shard ends here, yet it goes on
-                    continue
-                if index >= start:
-                    sample["__shard__"] = shard.name
-                    if last is not None:
-                        yield last
-                    last, delivered = sample, delivered + 1
+            with stream:
+                for index, sample in enumerate(iter_tar_samples(stream)):
+                    if delivered == count:
+                        if end < shard.samples:
+                            break
+                        extra += 1  # sizes.json says the shard ends here, yet it goes on
+                        continue
+                    if index >= start and (keep is None or index in keep):
+                        sample["__shard__"] = shard.name
+                        if last is not None:
+                            yield tagged(last)
+                        last, delivered = sample, delivered + 1
             if delivered < count:
                 reason = "short_shard"
                 log.warning("shard %s holds fewer samples than sizes.json says (%d)", shard.name, shard.samples)
@@ -95,9 +118,9 @@ def read_segments(segments: Sequence[Segment]) -> Iterator[dict[str, Any]]:
         if last is not None:
             if extra:
                 last["__extra__"] = extra
-            yield last
+            yield tagged(last)
         for _ in range(count - delivered):
-            yield {"__error__": reason, "__shard__": shard.name}
+            yield tagged({"__error__": reason, "__shard__": shard.name})
 
 
 def epoch_order(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: bool) -> list[Shard]:
@@ -119,19 +142,30 @@ def worker_segments(ordered: Sequence[Shard], worker: int, workers: int) -> list
     for shard in ordered:
         a, b = max(lo, offset), min(hi, offset + shard.samples)
         if a < b:
-            segments.append((shard, a - offset, b - a))
+            segments.append((shard, a - offset, b - a, None))
         offset += shard.samples
     return segments
 
 
-def exact_slots(sources: Sequence[Source], *, seed: int, epoch: int, shuffle: bool, worker: int,
-                workers: int) -> Iterator[dict[str, Any]]:
+def exact_slots(
+    sources: Sequence[Source],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    worker: int,
+    workers: int,
+    prefetch_bytes: int = 64 << 20,
+) -> Iterator[dict[str, Any]]:
     """One pass over every sample of every source, this worker's span of it."""
     shards = [s for src in sources for s in src.shards]
-    return read_segments(worker_segments(epoch_order(shards, seed=seed, epoch=epoch, shuffle=shuffle), worker, workers))
+    ordered = epoch_order(shards, seed=seed, epoch=epoch, shuffle=shuffle)
+    return read_segments(worker_segments(ordered, worker, workers), prefetch_bytes=prefetch_bytes)
 
 
-def resampled_slots(sources: Sequence[Source], *, rng: random.Random, count: int) -> Iterator[dict[str, Any]]:
+def resampled_slots(
+    sources: Sequence[Source], *, rng: random.Random, count: int, prefetch_bytes: int = 64 << 20
+) -> Iterator[dict[str, Any]]:
     """`count` slots, each from a source drawn by weight; within a source, shards are drawn with
     replacement (in proportion to their sample counts) and read to their end."""
     weights = [s.weight for s in sources]
@@ -144,7 +178,7 @@ def resampled_slots(sources: Sequence[Source], *, rng: random.Random, count: int
                 if not shards:
                     raise DataError(f"data: {sources[i].path} holds no samples")
                 shard = rng.choices(shards, weights=[s.samples for s in shards])[0]
-                open_shards[i] = read_segments([(shard, 0, shard.samples)])
+                open_shards[i] = read_segments([(shard, 0, shard.samples, None)], prefetch_bytes=prefetch_bytes)
             slot = next(open_shards[i], None)
             if slot is not None:
                 yield slot

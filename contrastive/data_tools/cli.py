@@ -5,6 +5,10 @@ contrastive-data shards OUT --manifest pairs.csv       # columns key,image,audio
 contrastive-data shards OUT --folder raw/ --workers 8  # files paired by stem: dog.jpg dog.flac dog.txt
 contrastive-data verify OUT                            # decode everything; non-zero exit if corrupt
 contrastive-data stats OUT                             # coverage, durations, sizes, caption lengths
+contrastive-data stats s3://bucket/data --write-sizes  # count the shards once, write their sizes.json
+
+Wherever a dataset is read (verify, stats), it may be a URL (s3://, gs://, https://..., any fsspec
+URL), a brace list (https://host/d/part-{000..099}.tar) or pipe:COMMAND, as for training.
 contrastive-data benchmark OUT --manifest m.csv --task classification --templates openai-imagenet
                                                        # an eval set in CLIP_benchmark's layout
 """
@@ -63,14 +67,34 @@ def parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", help="coverage, audio durations, image sizes, caption lengths")
     stats.add_argument("directory")
-    stats.add_argument("--max-samples", type=int, default=0)
+    stats.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="describe the first N samples (default: all; 1000 with --write-sizes)",
+    )
     stats.add_argument("--json", type=Path)
+    stats.add_argument(
+        "--write-sizes",
+        action="store_true",
+        help="count every shard's samples and write sizes.json beside them (a URL too): exact epochs need it",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from contrastive.data.shards import DataError
+
+    try:
+        return run(args)
+    except (DataError, OSError) as e:
+        print(f"contrastive-data {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     start = time.time()
     if args.command == "demo":
         from contrastive.data_tools.demo import build_demo
@@ -137,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "stats":
         from contrastive.data_tools.inspect import format_stats, stats
 
-        result = stats(args.directory, max_samples=args.max_samples)
+        if args.write_sizes:
+            from contrastive.data.shards import write_sizes
+            from contrastive.data.storage import redact
+
+            sizes, where = write_sizes(args.directory)
+            print(f"{sum(sizes.values())} samples in {len(sizes)} shards: wrote {redact(where)}")
+        limit = args.max_samples if args.max_samples is not None else (1000 if args.write_sizes else 0)
+        result = stats(args.directory, max_samples=limit)
         print(format_stats(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1) + "\n")

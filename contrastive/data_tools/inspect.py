@@ -1,13 +1,17 @@
 """Check and describe a dataset in the shard format.
 
-    contrastive-data verify DIR [--max-bad-fraction 0] [--json report.json]
-    contrastive-data stats DIR [--max-samples N]
+    contrastive-data verify DATA [--max-bad-fraction 0] [--json report.json]
+    contrastive-data stats DATA [--max-samples N] [--write-sizes]
+
+DATA is any dataset location training takes: a directory, a URL (s3://, gs://, https://...), a brace
+list or pipe:COMMAND.
 
 `verify` decodes and preprocesses every sample with the decoders training uses (the registered
 modalities at their default settings) and reports counts per modality, every corrupt sample by
 shard, key and reason, unreadable or truncated shards, and shards whose sample count differs from
 sizes.json. `stats` reports modality coverage, audio durations, image sizes, caption lengths and
-labels, from headers where it can (no full decoding).
+labels, from headers where it can (no full decoding); `--write-sizes` counts every shard and writes
+sizes.json beside them (what exact epochs on a dataset without one need).
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import statistics
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from contrastive.data.decode import known_extensions
-from contrastive.data.shards import SIZES_FILE
+from contrastive.data.shards import SIZES_FILE, locate
 from contrastive.data.sources import iter_tar_samples
+from contrastive.data.storage import STORAGE_OPTIONS, basename, configure_storage, read_bytes, redact
 from contrastive.data_tools.shards import extension_kinds
 from contrastive.modalities import MODALITIES, build_modality
 
@@ -34,12 +38,13 @@ def _modalities() -> dict[str, Any]:
     return {name: build_modality(name) for name in MODALITIES if name in owners}
 
 
-def _one_thread() -> None:
+def _worker_init(storage_options: dict[str, Any]) -> None:
     """Worker processes decode one sample at a time: torch's thread pools in each would oversubscribe
-    the cores (4x slower on 2 cores with 2 workers)."""
+    the cores (4x slower on 2 cores with 2 workers). They read with the parent's storage options."""
     import torch
 
     torch.set_num_threads(1)
+    configure_storage(storage_options)
 
 
 def verify_shard(path: str) -> dict[str, Any]:
@@ -47,7 +52,7 @@ def verify_shard(path: str) -> dict[str, Any]:
     modalities = _modalities()
     known = known_extensions()
     report: dict[str, Any] = {
-        "shard": Path(path).name,
+        "shard": basename(path),
         "samples": 0,
         "present": Counter(),
         "corrupt": Counter(),
@@ -92,29 +97,29 @@ def verify_shard(path: str) -> dict[str, Any]:
                     {"shard": report["shard"], "key": key, "modality": "-", "reason": "no usable modality"}
                 )
     except (tarfile.TarError, OSError, EOFError) as e:
-        report["error"] = f"{'truncated' if report['samples'] else 'unreadable'} after {report['samples']} samples: {e}"
+        what = "truncated" if report["samples"] else "unreadable"
+        report["error"] = f"{what} after {report['samples']} samples: {type(e).__name__}: {redact(str(e))}"
     return report
 
 
 def verify(directory: str, *, workers: int = 2, max_bad_fraction: float = 0.0) -> tuple[dict[str, Any], bool]:
     """(report, ok). ok is False when a shard is broken, sizes.json is wrong, or the fraction of
     corrupt samples exceeds `max_bad_fraction`."""
-    root = Path(directory)
-    tars = sorted(str(p) for p in root.glob("*.tar"))
+    tars, sizes_at = locate(directory)
     if not tars:
-        raise FileNotFoundError(f"{directory} holds no .tar shards")
-    with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_one_thread) as pool:
+        raise FileNotFoundError(f"{redact(directory)} holds no .tar shards")
+    with ProcessPoolExecutor(
+        max_workers=max(1, workers), initializer=_worker_init, initargs=(dict(STORAGE_OPTIONS),)
+    ) as pool:
         shards = list(pool.map(verify_shard, tars))
-    sizes_path = root / SIZES_FILE
     sizes: dict[str, Any] = {}
     problems = []
-    if not sizes_path.exists():
+    try:
+        sizes = json.loads(read_bytes(sizes_at)) if sizes_at else {}
+    except FileNotFoundError:
         problems.append(f"{SIZES_FILE} is missing")
-    else:
-        try:
-            sizes = json.loads(sizes_path.read_text())
-        except ValueError as e:
-            problems.append(f"{SIZES_FILE} is unreadable: {e}")
+    except ValueError as e:
+        problems.append(f"{SIZES_FILE} is unreadable: {e}")
     mismatch = {
         s["shard"]: {"sizes_json": sizes.get(s["shard"]), "actual": s["samples"]}
         for s in shards
@@ -124,7 +129,7 @@ def verify(directory: str, *, workers: int = 2, max_bad_fraction: float = 0.0) -
     total = sum(s["samples"] for s in shards)
     bad_samples = len({(b["shard"], b["key"]) for s in shards for b in s["bad"]})
     report = {
-        "directory": directory,
+        "directory": redact(directory),
         "shards": len(shards),
         "samples": total,
         "present": dict(sum((s["present"] for s in shards), Counter())),
@@ -187,8 +192,8 @@ def stats(directory: str, *, max_samples: int = 0) -> dict[str, Any]:
     durations, widths, heights, words = [], [], [], []
     labels: Counter = Counter()
     n = 0
-    for tar in sorted(Path(directory).glob("*.tar")):
-        for sample in iter_tar_samples(str(tar)):
+    for tar in locate(directory)[0]:
+        for sample in iter_tar_samples(tar):
             n += 1
             for ext, value in sample.items():
                 kind = kinds.get(ext)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
+from contrastive.data.shards import locate
+from contrastive.data.storage import exists, join, read_bytes
 from contrastive.evaluation.settings import TASK_ALIASES, TASKS, EvalConfig, EvalSet
 from contrastive.modalities.base import ConfigError
 
@@ -19,7 +20,7 @@ DATASET_TYPE = "dataset_type.txt"
 @dataclass(frozen=True)
 class ResolvedSet:
     name: str  # "" for data.eval (its metrics keep their plain names)
-    shards: str  # the directory of the set's shards
+    shards: str  # where the set's shards are (a directory, a URL, a brace list)
     tasks: tuple[str, ...]
     classnames: tuple[str, ...] | None  # from a file; None: the labels found in the data
     templates: tuple[str, ...] | None  # from a file; None: eval.prompts
@@ -36,12 +37,15 @@ class ResolvedSet:
         return f"{self.name}/{metric}" if self.name else metric
 
 
-def _lines(path: Path) -> tuple[str, ...]:
-    return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+def _lines(location: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in read_bytes(location).decode("utf-8").splitlines() if line.strip())
 
 
-def _has_shards(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix == ".tar" for p in path.iterdir())
+def _has_shards(location: str) -> bool:
+    try:
+        return bool(locate(location)[0])
+    except OSError:
+        return False
 
 
 def _tasks(task: Any, where: str) -> tuple[str, ...] | None:
@@ -68,26 +72,28 @@ def resolve_set(name: str, settings: EvalSet | Mapping[str, Any], *, where: str 
         settings = EvalSet(**settings)
     if not settings.path:
         raise ConfigError(f"{where}.path: the set's directory is missing")
-    root = Path(settings.path)
-    split_dir = root / settings.split
-    benchmark_layout = _has_shards(split_dir)  # CLIP_benchmark's: <root>/<split>/*.tar, metadata at the root
+    root = str(settings.path)
+    split_dir = join(root, settings.split)
+    benchmark_layout = "{" not in root and _has_shards(split_dir)  # CLIP_benchmark's: <root>/<split>/*.tar
     shards = split_dir if benchmark_layout else root
-    classnames_file = Path(settings.classnames) if settings.classnames else root / CLASSNAMES
-    templates_file = Path(settings.templates) if settings.templates else root / TEMPLATES
+    classnames_file = settings.classnames or join(root, CLASSNAMES)
+    templates_file = settings.templates or join(root, TEMPLATES)
     for key, file, given in (
         ("classnames", classnames_file, settings.classnames),
         ("templates", templates_file, settings.templates),
     ):
-        if given and not file.is_file():
+        if given and not exists(file):
             raise ConfigError(f"{where}.{key}: {file} does not exist")
-    classnames = _lines(classnames_file) if classnames_file.is_file() else None
-    templates = _lines(templates_file) if templates_file.is_file() else None
+    classnames = _lines(classnames_file) if exists(classnames_file) else None
+    templates = _lines(templates_file) if exists(templates_file) else None
     probe_train = settings.probe_train
-    if probe_train is None and benchmark_layout and _has_shards(root / "train") and settings.split != "train":
-        probe_train = str(root / "train")
+    train_dir = join(root, "train")
+    if probe_train is None and benchmark_layout and settings.split != "train" and _has_shards(train_dir):
+        probe_train = train_dir
     tasks = _tasks(settings.task, where)
     if tasks is None:
-        kind = (root / DATASET_TYPE).read_text().strip().lower() if (root / DATASET_TYPE).is_file() else ""
+        kind_file = join(root, DATASET_TYPE)
+        kind = read_bytes(kind_file).decode().strip().lower() if exists(kind_file) else ""
         tasks = ("retrieval",) if kind == "retrieval" else ("zeroshot_classification", "retrieval")
         if settings.probe_train:
             tasks += ("linear_probe",)

@@ -1,0 +1,374 @@
+"""Where shards and checkpoints live: a local path, any fsspec URL (`s3://`, `gs://`, `http(s)://`...;
+s3fs and gcsfs are the optional extras `contrastive[s3]`, `contrastive[gcs]`), or `pipe:COMMAND`
+(webdataset's convention, opened by webdataset's own opener). Brace lists (`part-{000000..000099}.tar`)
+expand to their shards.
+
+Credentials come from where the libraries look for them (the environment, an AWS profile, gcloud's),
+and an S3-compatible store's address from `AWS_ENDPOINT_URL` or `data.storage_options`: a URL or an
+option that holds a secret is refused, since the config is saved with every run.
+
+Shards are read as streams, in order, never copied to disk: `ShardStream` survives transient errors
+(a reset connection, a timeout, HTTP 5xx, S3's SlowDown), retrying with exponential backoff and
+reopening the source where it broke (a range read on object stores; a stream or a pipe is restarted
+and its bytes up to there discarded), so that no sample is repeated or lost; each retry is counted.
+A missing object, a missing bucket or a refused credential is no transient error: it is raised.
+`prefetched` reads a worker's next shards ahead in a thread, holding at most 2 x `prefetch_bytes`
+(the rest of the shard being parsed, and the next one).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import random
+import re
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("contrastive.data")
+
+PIPE = "pipe:"
+SECRET_OPTION = re.compile(r"(secret|password|token|credential|key_id|access_key|api_key)", re.IGNORECASE)
+STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # protocol -> fsspec keyword arguments (configure_storage)
+RETRIES = 6  # attempts after the first failure, backoff doubling from BACKOFF seconds
+BACKOFF = 0.2
+CHUNK = 1 << 20  # bytes per read of a remote stream
+
+
+class StorageError(OSError):
+    """A location that cannot be read as asked (missing, refused): not worth a retry."""
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(PIPE) or "://" in location and not location.startswith("file://")
+
+
+def redact(location: str) -> str:
+    """The location as logs may show it: no user information, no query string (signatures, tokens)."""
+    if location.startswith(PIPE) or "://" not in location:
+        return location
+    parts = urlsplit(location)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "<redacted>" if parts.query else "", ""))
+
+
+def check_no_secrets(location: str, where: str) -> None:
+    """A URL with a password or a signed query is refused: configs are saved with every run."""
+    if location.startswith(PIPE) or "://" not in location:
+        return
+    parts = urlsplit(location)
+    if parts.password or re.search(r"(signature|token|x-amz-credential|sig=)", parts.query, re.IGNORECASE):
+        raise StorageError(
+            f"{where}: {redact(location)} carries a credential; configs are saved with every run, "
+            "so give credentials through the environment or your profile (AWS_*, gcloud, netrc)"
+        )
+
+
+def configure_storage(options: Mapping[str, Mapping[str, Any]] | None) -> None:
+    """fsspec keyword arguments per protocol (`{s3: {endpoint_url: ...}}`); no secrets among them."""
+    for protocol, kwargs in (options or {}).items():
+        secret = [k for k in kwargs if SECRET_OPTION.search(k)]
+        if secret:
+            raise StorageError(
+                f"data.storage_options.{protocol}: {secret} look like credentials; configs are saved "
+                "with every run, so give them through the environment or your profile"
+            )
+        STORAGE_OPTIONS[protocol] = dict(kwargs)
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) for a URL, with the configured options."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return fsspec.core.url_to_fs(url, **STORAGE_OPTIONS.get(protocol, {}))
+
+
+def expand(spec: str) -> list[str]:
+    """A brace list's locations (`part-{000..009}.tar`), or the one location."""
+    if "{" not in spec:
+        return [spec]
+    import braceexpand
+
+    return list(braceexpand.braceexpand(spec))
+
+
+def join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
+
+
+def basename(location: str) -> str:
+    """The file name a location ends in (for a pipe, its last word's)."""
+    tail = (
+        location.split()[-1]
+        if location.startswith(PIPE)
+        else urlsplit(location).path
+        if "://" in location
+        else location
+    )
+    return os.path.basename(tail.rstrip("/"))
+
+
+def permanent(error: BaseException) -> bool:
+    """An error no retry mends: a missing object or bucket, a refused credential, a bad request."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotImplementedError, StorageError)):
+        return True
+    status = getattr(error, "status", None) or getattr(error, "code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
+def _stream_filesystem(location: str):
+    """The filesystem shards are streamed through. For S3, one that leaves retrying to ShardStream
+    (s3fs and botocore would otherwise retry out of sight, uncounted): the same options, with
+    botocore's attempts and s3fs's retries at one. For HTTP, a read timeout instead of a total one."""
+    protocol = location.split("://", 1)[0]
+    import fsspec
+
+    if protocol in ("http", "https"):
+        # aiohttp's default limits a whole request to 5 minutes, which a big shard on a slow link
+        # exceeds every time; a stalled read is what to give up on (and retry)
+        import aiohttp
+
+        options = dict(STORAGE_OPTIONS.get(protocol, {}))
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60))
+        return fsspec.core.url_to_fs(location, **{**options, "client_kwargs": client})
+    if protocol not in ("s3", "s3a"):
+        return filesystem(location)
+
+    options = dict(STORAGE_OPTIONS.get(protocol, {}))
+    options["config_kwargs"] = {"retries": {"total_max_attempts": 1}, **(options.get("config_kwargs") or {})}
+    fs, path = fsspec.core.url_to_fs(location, **options)
+    fs.retries = 1
+    return fs, path
+
+
+def _open_raw(location: str, offset: int):
+    """(a binary stream of `location`, the offset it starts at): a local file or an object store seek to
+    `offset`; a pipe or a plain HTTP stream starts at 0."""
+    if location.startswith(PIPE):
+        from webdataset.gopen import gopen
+
+        return gopen(location, "rb"), 0
+    if not is_remote(location):
+        f = open(location.removeprefix("file://"), "rb", buffering=0)
+        f.seek(offset)
+        return f, offset
+    fs, path = _stream_filesystem(location)
+    if fs.protocol in ("http", "https") or "http" in fs.protocol:
+        return fs.open(path, "rb", block_size=0), 0  # one GET, streamed (servers need not take ranges)
+    f = fs.open(path, "rb", block_size=8 * CHUNK, cache_type="readahead")
+    f.seek(offset)
+    return f, offset
+
+
+class ShardStream(io.RawIOBase):
+    """A shard's bytes in order, surviving transient errors (see the module docstring). `on_retry` is
+    called once per retry."""
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
+        on_retry: Callable[[], None] | None = None,
+    ):
+        super().__init__()
+        self.location, self.retries, self.backoff = location, retries, backoff
+        self.on_retry = on_retry or (lambda: None)
+        self.offset = 0  # bytes delivered
+        self._raw, self._at = None, 0
+        self._attempt(lambda: None)  # opened now: a missing object fails here
+
+    def _open(self) -> None:
+        self._close_raw()
+        self._raw, self._at = _open_raw(self.location, self.offset)
+
+    def _close_raw(self) -> None:
+        if self._raw is not None:
+            try:
+                self._raw.close()
+            except Exception:  # noqa: BLE001 - a broken stream may fail to close; it is dropped anyway
+                pass
+            self._raw = None
+
+    def _attempt(self, action: Callable[[], Any]) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                if self._raw is None:
+                    self._open()
+                return action()
+            except Exception as e:  # noqa: BLE001 - classified: permanent ones raised, others retried
+                if isinstance(e, OSError) and (permanent(e) or attempt == self.retries):
+                    raise
+                if permanent(e) or attempt == self.retries:  # as an OSError: what a shard's reader handles
+                    raise StorageError(f"{redact(self.location)}: {type(e).__name__}: {e}") from e
+                self.on_retry()
+                self._close_raw()
+                delay = self.backoff * 2**attempt * (0.5 + random.random())
+                log.warning(
+                    "%s: %s: %s; retry %d of %d in %.1f s",
+                    redact(self.location),
+                    type(e).__name__,
+                    e,
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
+                time.sleep(delay)
+
+    def _read_some(self, n: int) -> bytes:
+        while self._at < self.offset:  # a restarted stream: discard what was delivered already
+            skipped = self._raw.read(min(CHUNK, self.offset - self._at))
+            if not skipped:
+                raise ConnectionError("the source ended before the point it broke at")
+            self._at += len(skipped)
+        data = self._raw.read(n)
+        self._at += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._attempt(lambda: self._read_some(len(buffer)))
+        buffer[: len(data)] = data
+        self.offset += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._close_raw()
+        super().close()
+
+
+def open_shard(location: str, *, on_retry: Callable[[], None] | None = None) -> io.BufferedReader:
+    """A buffered, retrying, sequential reader of a shard (a local file: a plain buffered file)."""
+    if not is_remote(location):
+        return open(location.removeprefix("file://"), "rb", buffering=CHUNK)
+    return io.BufferedReader(ShardStream(location, on_retry=on_retry), buffer_size=CHUNK)
+
+
+class _Queued(io.RawIOBase):
+    """The reading end of a prefetched shard: chunks from the reader thread, then its end or error."""
+
+    def __init__(self, chunks: "queue.Queue", cancel: threading.Event):
+        super().__init__()
+        self.chunks, self.cancel, self.pending, self.done = chunks, cancel, b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending and not self.done:
+            item = self.chunks.get()
+            if item is None:
+                self.done = True
+            elif isinstance(item, BaseException):
+                self.done = True
+                raise item
+            else:
+                self.pending = item
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.cancel.set()  # the reader thread drops the rest of this shard and goes on to the next
+        super().close()
+
+
+def _put(items: "queue.Queue", item: Any, *stops: threading.Event) -> bool:
+    """Puts unless one of `stops` is set while the queue is full; False when stopped."""
+    while not any(s.is_set() for s in stops):
+        try:
+            items.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def prefetched(
+    locations: Iterable[str], *, prefetch_bytes: int, on_retry: Callable[[], None] | None = None
+) -> Iterator[tuple[str, io.BufferedReader]]:
+    """(location, reader) for each location in order, remote ones read ahead by a thread: request
+    latency is hidden behind the shards being parsed. At most 2 x `prefetch_bytes` are held: a bounded
+    queue of CHUNK-sized reads per shard, for the shard being parsed and the next one, which is opened
+    as soon as the current one is read through."""
+    stop = threading.Event()
+    slots = max(2, prefetch_bytes // CHUNK)
+    shards: "queue.Queue" = queue.Queue(maxsize=1)
+
+    def reader(remote: list[str]) -> None:
+        for location in remote:
+            chunks: "queue.Queue" = queue.Queue(maxsize=slots)
+            cancel = threading.Event()  # set when the consumer closes the shard before its end
+            if not _put(shards, (location, chunks, cancel), stop):
+                return
+            try:
+                with ShardStream(location, on_retry=on_retry) as stream:
+                    while True:
+                        data = stream.read(CHUNK)
+                        if not data or not _put(chunks, data, stop, cancel):
+                            break
+                _put(chunks, None, stop, cancel)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which reports the shard
+                _put(chunks, e, stop, cancel)
+
+    items = list(locations)
+    remote = [location for location in items if is_remote(location)]
+    thread = threading.Thread(target=reader, args=(remote,), daemon=True) if remote else None
+    if thread is not None:
+        thread.start()
+    try:
+        for location in items:
+            if not is_remote(location):
+                yield location, open_shard(location)
+                continue
+            _, chunks, cancel = shards.get()
+            yield location, io.BufferedReader(_Queued(chunks, cancel), buffer_size=CHUNK)
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=5)
+
+
+def read_bytes(location: str) -> bytes:
+    if not is_remote(location):
+        with open(location.removeprefix("file://"), "rb") as f:
+            return f.read()
+    fs, path = filesystem(location)
+    return fs.cat_file(path)
+
+
+def exists(location: str) -> bool:
+    if not is_remote(location):
+        return os.path.exists(location.removeprefix("file://"))
+    fs, path = filesystem(location)
+    return fs.exists(path)
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    if not is_remote(location):
+        with open(location, "wb") as f:
+            f.write(data)
+        return
+    fs, path = filesystem(location)
+    fs.pipe_file(path, data)
+
+
+def upload_dir(local: str | os.PathLike, url: str) -> int:
+    """Every file under `local` to the same relative place under `url`; returns the number of files."""
+    from pathlib import Path
+
+    fs, root = filesystem(url)
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    for path in files:
+        fs.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(local)}")
+    return len(files)

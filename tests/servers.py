@@ -1,0 +1,261 @@
+"""Servers the remote-data tests and benchmarks/loader.py start on 127.0.0.1, all real:
+
+- `http_server(root)`: Python's own HTTP server (`python -m http.server`) serving a folder;
+- `s3_server()`: moto's standalone S3-compatible server (`moto_server`), spoken to through s3fs with
+  `AWS_ENDPOINT_URL` and throwaway credentials (`S3_ENV`);
+- `FaultProxy(upstream)`: an HTTP proxy in front of either that adds latency per request, caps the
+  bandwidth of everything it serves, answers 503 on a schedule and resets connections mid-body.
+
+The first two run as child processes; the proxy runs in a thread here, or as its own process:
+
+    python tests/servers.py proxy --upstream http://127.0.0.1:8000 --latency-ms 50 --mbps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import http.server
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+BIN = Path(sys.executable).parent
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",  # moto takes any; these are no one's credentials
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+@contextmanager
+def _child(args: list[str], url: str, **kwargs) -> Iterator[None]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    try:
+        _wait_until_up(url, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def http_server(root: str | os.PathLike) -> Iterator[str]:
+    """`root` served over HTTP: yields its base URL."""
+    port = free_port()
+    args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+    with _child(args, f"http://127.0.0.1:{port}/"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server: yields its endpoint URL. Talk to it with `S3_ENV` and AWS_ENDPOINT_URL set."""
+    port = free_port()
+    with _child([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}/"):
+        yield f"http://127.0.0.1:{port}"
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+
+
+def upload(local: str | os.PathLike, url: str, endpoint: str) -> None:
+    """A local folder to `s3://bucket/prefix` on the server at `endpoint` (the bucket made if new)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key=S3_ENV["AWS_ACCESS_KEY_ID"], secret=S3_ENV["AWS_SECRET_ACCESS_KEY"], endpoint_url=endpoint
+    )
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    fs.put(str(local), url.rstrip("/"), recursive=True)
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that drops a connection (as a reset reader does) is no error of the proxy's."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+class FaultProxy:
+    """Forwards every request to `upstream`. Each request waits `latency` seconds first; all bodies
+    together are sent at most `bandwidth` bytes/s. GETs of `.tar` objects are numbered from 1: the
+    `error_every`-th ones are answered 503 (S3's SlowDown), the `reset_every`-th ones are cut after
+    half their body with a TCP reset. Counters of what it did are in `served`."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        latency: float = 0.0,
+        bandwidth: float = 0.0,
+        error_every: int = 0,
+        reset_every: int = 0,
+        port: int = 0,
+    ):
+        self.upstream = urlsplit(upstream)
+        self.latency, self.bandwidth = latency, bandwidth
+        self.error_every, self.reset_every = error_every, reset_every
+        self.served = {"requests": 0, "tar_gets": 0, "errors_503": 0, "resets": 0, "bytes": 0}
+        self._lock = threading.Lock()
+        self._next_free = 0.0  # when the capped link is free again
+        self._server = _QuietServer(("127.0.0.1", port), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _throttle(self, n: int) -> None:
+        if not self.bandwidth:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._next_free = max(now, self._next_free) + n / self.bandwidth
+            wait = self._next_free - now
+        time.sleep(wait)
+
+    def _fault(self, method: str, path: str) -> str | None:
+        with self._lock:
+            self.served["requests"] += 1
+            if method != "GET" or not urlsplit(path).path.endswith(".tar"):
+                return None
+            self.served["tar_gets"] += 1
+            n = self.served["tar_gets"]
+            if self.error_every and n % self.error_every == 0:
+                self.served["errors_503"] += 1
+                return "503"
+            if self.reset_every and n % self.reset_every == 0:
+                self.served["resets"] += 1
+                return "reset"
+        return None
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                if proxy.latency:
+                    time.sleep(proxy.latency)
+                fault = proxy._fault(self.command, self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if fault == "503":
+                    message = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(message)))
+                    self.end_headers()
+                    self.wfile.write(message)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                self.send_response(response.status, response.reason)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "server", "date"):
+                        self.send_header(k, v)
+                size = response.getheader("Content-Length")
+                chunked = size is None and self.command != "HEAD"
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                cut = int(size) // 2 if fault == "reset" and size else None
+                sent = 0
+                while self.command != "HEAD":
+                    data = response.read(1 << 16)
+                    if not data:
+                        break
+                    if cut is not None and sent + len(data) >= cut:
+                        self.wfile.write(data[: cut - sent])
+                        self.wfile.flush()
+                        # SO_LINGER 0: close with a TCP reset, as a dropped connection reads
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.close_connection = True
+                        self.connection.close()
+                        conn.close()
+                        return
+                    proxy._throttle(len(data))
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                    sent += len(data)
+                    with proxy._lock:
+                        proxy.served["bytes"] += len(data)
+                if chunked:
+                    self.wfile.write(b"0\r\n\r\n")
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        return Handler
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="run the fault proxy in front of an HTTP server until killed")
+    p.add_argument("command", choices=["proxy"])
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--mbps", type=float, default=0.0, help="megabytes per second, all bodies together")
+    p.add_argument("--error-every", type=int, default=0)
+    p.add_argument("--reset-every", type=int, default=0)
+    args = p.parse_args()
+    proxy = FaultProxy(
+        args.upstream,
+        latency=args.latency_ms / 1000,
+        bandwidth=args.mbps * 1e6,
+        error_every=args.error_every,
+        reset_every=args.reset_every,
+        port=args.port,
+    )
+    with proxy:
+        print(proxy.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
