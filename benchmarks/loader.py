@@ -2,6 +2,10 @@
 1 and 2 DataLoader workers, against a bare read of the same shards (bytes only) in the same run,
 and the tiny model's training step on the same machine, which the pipeline must keep ahead of.
 
+Remote rows, same run, 2 workers: the same shards from an HTTP server (Python's) through the fault
+proxy of tests/servers.py set to 50 ms a request and 50 MB/s, and from an S3-compatible server
+(moto), against the local figure (measured before and after them, averaged). `--no-remote` skips them.
+
     .venv/bin/python benchmarks/loader.py                      # the demo set (built if missing)
     .venv/bin/python benchmarks/loader.py --data data/demo/train --batch-size 64
 
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--data", help="a training set directory (default: data/demo/train, built if missing)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--no-remote", action="store_true", help="skip the HTTP and S3 rows")
     args = parser.parse_args()
     import torch
 
@@ -136,7 +141,52 @@ def main() -> None:
             for w in (1, 2)
         }
     )
+    if not args.no_remote:
+        result["remote"] = remote_rows(data, modalities, args.batch_size, result["pipeline_2_workers"])
     print(json.dumps(result))
+
+
+def remote_rows(data: str, modalities, batch_size: int, local_before: dict) -> dict:
+    """2-worker pipeline throughput over HTTP (through the 50 ms, 50 MB/s proxy) and S3, over local."""
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from servers import http_server, s3_env, s3_server, upload
+
+    from contrastive.data import load_sources
+
+    rows = {}
+    root, name = Path(data).parent, Path(data).name
+    with http_server(root) as url:
+        proxy = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "servers.py"), "proxy", "--upstream", url]
+            + ["--latency-ms", "50", "--mbps", "50"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            proxied = proxy.stdout.readline().strip()
+            n, secs = pipeline(load_sources(f"{proxied}/{name}"), modalities, batch_size, 2)
+        finally:
+            proxy.terminate()
+            proxy.wait()
+    rows["http_proxy_50ms_50MBps"] = {"samples": n, "seconds": secs, "samples_per_s": n / secs}
+    print(f"over HTTP, 50 ms + 50 MB/s:    {n / secs:9.0f} samples/s (2 workers)", flush=True)
+    with s3_server() as endpoint:
+        upload(data, "s3://bench/train", endpoint)
+        os.environ.update(s3_env(endpoint))
+        n, secs = pipeline(load_sources("s3://bench/train"), modalities, batch_size, 2)
+    rows["s3_moto"] = {"samples": n, "seconds": secs, "samples_per_s": n / secs}
+    print(f"over S3 (moto):                {n / secs:9.0f} samples/s (2 workers)", flush=True)
+    n, secs = pipeline(load_sources(data), modalities, batch_size, 2)
+    after = n / secs
+    print(f"local again:                   {after:9.0f} samples/s (2 workers)", flush=True)
+    local = (local_before["samples_per_s"] + after) / 2
+    rows["local_2_workers_mean"] = local
+    rows["ratios"] = {k: v["samples_per_s"] / local for k, v in rows.items() if isinstance(v, dict)}
+    for k, ratio in rows["ratios"].items():
+        print(f"{k} / local: {ratio:.2f}x (target >= 0.9x)", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
