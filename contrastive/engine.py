@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from contrastive.accumulate import cached_accumulation
+from contrastive.ds_checkpoint import to_universal
 
 log = logging.getLogger("contrastive.engine")
 
@@ -369,23 +371,11 @@ class Engine:
         return client_state or {}
 
     def _load_universal(self, checkpoint: Path) -> dict[str, Any]:
-        import shutil
-        import subprocess
-        import sys
-
         from contrastive.distributed import barrier, rank
 
         universal = checkpoint.parent / ".universal" / checkpoint.name
         if rank() == 0:
-            shutil.rmtree(universal, ignore_errors=True)
-            universal.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
-            command += [str(checkpoint), "--output_folder", str(universal), "--inject_missing_state"]
-            command += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"ds_to_universal could not convert {checkpoint}:\n{done.stderr[-4000:]}")
-            log.info("converted %s to a universal checkpoint for this number of ranks", checkpoint.name)
+            to_universal(checkpoint, universal)
         barrier()
         self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint, as the config's flag
         try:
@@ -400,24 +390,3 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load the universal checkpoint made from {checkpoint}")
         return client_state or {}
-
-
-def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The objective's full fp32 state dict from a checkpoint directory written by `Engine.save`,
-    whatever its ZeRO stage (stages 1-3: gathered from the partitions by DeepSpeed's zero_to_fp32)."""
-    ckpt = Path(checkpoint_dir)
-    # ZeRO-3 names its model states per partition; rank 0's holds the config and the module skeleton.
-    states = next(
-        p
-        for p in (ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-        if p.exists()
-    )
-    model_states = torch.load(states, map_location="cpu", weights_only=False)
-    stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
-    if stage >= 1 and any(ckpt.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:
-        state = model_states["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

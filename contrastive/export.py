@@ -134,7 +134,7 @@ def objective_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[Contrastiv
     weights gathered into fp32), in eval mode, and the checkpoint's record (contrastive.json)."""
     from contrastive.builders import build_loss, build_modalities, import_modules
     from contrastive.checkpoint import read_meta
-    from contrastive.engine import consolidated_state_dict
+    from contrastive.ds_checkpoint import consolidated_state_dict
     from contrastive.towers import apply_structure
 
     meta = read_meta(checkpoint)

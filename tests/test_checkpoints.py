@@ -168,6 +168,6 @@ def test_nonfinite_steps_stop_the_run_with_a_checkpoint_from_before(tmp_path):
     assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 0, 0, 1, 2]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_00000006"  # saved after the first skipped step: the weights of step 5
-    from contrastive.engine import consolidated_state_dict
+    from contrastive.ds_checkpoint import consolidated_state_dict
 
     assert all(torch.isfinite(v).all() for v in consolidated_state_dict(run_dir / "checkpoints" / latest).values())

@@ -10,29 +10,15 @@ import re
 
 import pytest
 import torch
+from test_resume import train as train_keys
 
-from conftest import BIN, read_jsonl, run_cli, tiny_overrides
+from conftest import read_jsonl
 
 
 def train(demo, run_dir, ranks: int, *extra, check=True):
-    args = tiny_overrides(
-        demo,
-        run_dir,
-        "data.eval=null",
-        "export=false",
-        "trainer.record_keys=true",
-        "trainer.log_every=1",
-        "data.batch_size=16",
-        "data.num_workers=2",
-        "data.shuffle_buffer=32",
-        "engine.zero_stage=2",
-        "trainer.max_steps=7",
-        "resume=latest",
-        *extra,
-    )
-    if ranks == 2:
-        return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args)
-    return run_cli("contrastive-train", *args, check=check)
+    launcher = "torchrun" if ranks == 2 else "single"
+    zero2 = ("engine.zero_stage=2", "trainer.max_steps=7", "resume=latest")
+    return train_keys(launcher, demo, run_dir, *zero2, *extra, check=check)
 
 
 def saved_moments(checkpoint) -> dict[str, float]:
