@@ -105,6 +105,7 @@ def test_stop_on_s3_resume_elsewhere_through_faults(demo_data, http, s3, tmp_pat
         *resume_overrides(demo_data, first, "s3://demo/train", *ckpt, "trainer.stop_at_step=4"),
         env=env,
     )
+    assert keys(first) == keys(whole)[:4]
     shutil.rmtree(first)  # the node is gone; only what was uploaded is left
     run_cli("contrastive-train", *resume_overrides(demo_data, second, f"{http}/train", *ckpt, "resume=latest"), env=env)
 
