@@ -12,6 +12,7 @@ import shutil
 import pytest
 from servers import FaultProxy, gcs_env, gcs_server, http_server, s3_env, s3_server, upload
 from test_e2e import PINNED_LOSSES
+from test_resume import keyed_overrides
 
 from contrastive.checkpoint import RemoteCheckpoints
 from contrastive.data.shards import DataError, list_shards
@@ -66,20 +67,7 @@ def test_training_on_remote_shards_gives_the_local_losses(where, demo_data, http
 
 
 def resume_overrides(demo, run_dir, data, *extra):
-    return tiny_overrides(
-        demo,
-        run_dir,
-        f"data.train={data}",
-        "data.eval=null",
-        "export=false",
-        "trainer.record_keys=true",
-        "trainer.log_every=1",
-        "data.batch_size=16",
-        "data.num_workers=2",
-        "data.shuffle_buffer=32",
-        "trainer.max_steps=8",
-        *extra,
-    )
+    return keyed_overrides(demo, run_dir, f"data.train={data}", "trainer.max_steps=8", *extra)
 
 
 def test_stop_on_s3_resume_elsewhere_through_faults(demo_data, http, s3, tmp_path):

@@ -17,9 +17,9 @@ def losses(run_dir):
     return {row["step"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
 
 
-def train(launcher, demo, run_dir, *extra, check=True):
-    """The tiny demo with sample keys recorded, on one process ("single") or two ranks ("torchrun")."""
-    args = tiny_overrides(
+def keyed_overrides(demo, run_dir, *extra):
+    """The tiny demo with every step's sample keys recorded, 2 workers, batches of 16."""
+    return tiny_overrides(
         demo,
         run_dir,
         "data.eval=null",
@@ -31,6 +31,11 @@ def train(launcher, demo, run_dir, *extra, check=True):
         "data.shuffle_buffer=32",
         *extra,
     )
+
+
+def train(launcher, demo, run_dir, *extra, check=True):
+    """keyed_overrides on one process ("single") or two ranks ("torchrun")."""
+    args = keyed_overrides(demo, run_dir, *extra)
     if launcher == "torchrun":
         return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args)
     return run_cli("contrastive-train", *args, check=check)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import re
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 from statistics import mean
+
+from synthetic import shards_stage  # this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -117,44 +118,6 @@ def peak_stage(s: dict) -> dict:
     return {"n": n, "bf16_tflops": 2 * n**3 / seconds / 1e12}
 
 
-def _sample(args: tuple[int, int, float, bool]) -> dict:
-    """One synthetic sample: a smooth colour field as JPEG, a caption, and (tri-modal) a tone as FLAC."""
-    import io
-
-    import numpy as np
-    import soundfile
-    from PIL import Image
-
-    i, size, seconds, audio = args
-    rng = np.random.default_rng(i)
-    small = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
-    jpg = io.BytesIO()
-    small.save(jpg, format="JPEG", quality=90)
-    sample = {"__key__": f"s{i:07d}", "jpg": jpg.getvalue(), "txt": f"a photo of pattern {i % 97} in colour {i % 13}"}
-    if audio:
-        t = np.arange(int(seconds * 16000)) / 16000
-        wave = 0.3 * np.sin(2 * np.pi * (200 + 20 * (i % 50)) * t) + 0.01 * rng.normal(size=t.size)
-        flac = io.BytesIO()
-        soundfile.write(flac, wave.astype(np.float32), 16000, format="FLAC")
-        sample["flac"] = flac.getvalue()
-    return sample
-
-
-def shards_stage(s: dict, work: Path) -> dict:
-    from contrastive.data.shards import ShardWriter
-
-    out = {}
-    for name, audio in (("image_text", False), ("trimodal", True)):
-        folder = work / name
-        jobs = [(i, s["image_size"], s["audio_seconds"], audio) for i in range(s["samples"])]
-        with multiprocessing.get_context("fork").Pool(min(16, os.cpu_count() or 1)) as pool:
-            samples = pool.map(_sample, jobs, chunksize=64)
-        with ShardWriter(folder, prefix="it", max_count=max(s["samples"] // 16, 1)) as writer:
-            writer.write_all(samples)
-        out[name] = {"path": str(folder), "samples": len(samples), "shards": len(list(folder.glob("*.tar")))}
-    return out
-
-
 def _metrics(run_dir: Path, warmup: int) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "samples_per_s" in r][warmup:]
@@ -211,22 +174,28 @@ def ours(s: dict, data: str, modalities: str, batch: int, run_dir: Path, peak_tf
     return {"batch_size": batch, **_metrics(run_dir, s["warmup"])}
 
 
-def flops_per_sample(s: dict, modalities: list[str]) -> float:
-    """Training FLOPs of one sample through the towers, counted as contrastive-train counts them."""
+def composed(modalities: list[str], *overrides: str):
+    """(the train config composed with `overrides`, the modalities built from it), as the CLI does."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from contrastive.builders import build_modalities
     from contrastive.config import CONFIG_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return cfg, build_modalities(modalities, OmegaConf.to_container(cfg.modality))
+
+
+def flops_per_sample(s: dict, modalities: list[str]) -> float:
+    """Training FLOPs of one sample through the towers, counted as contrastive-train counts them."""
+    import torch
+
     from contrastive.flops import training_flops_per_sample
     from contrastive.model import ContrastiveModel
 
-    register_configs()
-    overrides = [f"model={s['model']}", *tower_overrides(s)]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    mods = build_modalities(modalities, OmegaConf.to_container(cfg.modality))
-    import torch
+    cfg, mods = composed(modalities, f"model={s['model']}", *tower_overrides(s))
 
     with torch.device("meta"):
         model = ContrastiveModel(mods, cfg.model.embed_dim)
@@ -341,17 +310,9 @@ def trimodal_stage(s: dict, result: dict, work: Path) -> dict:
 
 def loader_stage(s: dict, result: dict) -> dict:
     """Our pipeline alone (decode, transforms, batching), timed from its first batch, per worker count."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from contrastive.builders import build_modalities
-    from contrastive.config import CONFIG_DIR, register_configs
     from contrastive.data import ShardDataset, load_sources, make_loader
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={s['model']}"])
-    mods = build_modalities(["image", "text"], OmegaConf.to_container(cfg.modality))
+    _, mods = composed(["image", "text"], f"model={s['model']}")
     sources = load_sources(result["shards"]["image_text"]["path"])
     batch = 256 if s["device"] == "cuda" else 8
     demand = result.get("image_text", {}).get("samples_per_s")
