@@ -70,9 +70,19 @@ def attention_backends(choice: str, device_type: str, precision: str) -> list | 
     ]
 
 
-def _quiet_deepspeed() -> None:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen anyway; said, it skips a warning
+def cuda_kernels(tf32: bool) -> None:
+    """What open_clip's trainer sets on GPUs: cuDNN picks the fastest convolution for each shape
+    (the patch embeddings, whose shapes never change) and, with `tf32`, fp32 matmuls and convolutions
+    run on the tensor cores in TF32 (what an fp32 run computes in; bf16 runs are unaffected)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _quiet_deepspeed(device_type: str) -> None:
+    if device_type == "cpu":
+        # Without this DeepSpeed picks CUDA whenever a GPU is visible, and moves a CPU run's model there.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("compilers.C.base").setLevel(logging.WARNING)  # DeepSpeed's probe for libaio
     # DeepSpeed 0.19 still calls collectives that torch 2.13 renamed; the old names work.
     warnings.filterwarnings(
@@ -185,13 +195,21 @@ class Engine:
         scheduler: Any,
         config: dict[str, Any],
         attention: str = "auto",
+        tf32: bool = True,
     ):
-        _quiet_deepspeed()
-        import deepspeed
-
         self.config = config
         self.device = next(objective.parameters()).device
         device = self.device.type
+        _quiet_deepspeed(device)
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != device:
+            raise RuntimeError(
+                f"the model is on {device}, but DeepSpeed's accelerator in this process is "
+                f"{get_accelerator().device_name()!r} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}): "
+                "one process trains on one kind of device"
+            )
         precision = (
             "bf16"
             if config["bf16"]["enabled"]
@@ -202,6 +220,8 @@ class Engine:
             else "fp32"
         )
         self._backends = attention_backends(attention, device, precision)
+        if device == "cuda":
+            cuda_kernels(tf32)
         self.objective = objective
         self._norm: float | None = None
         self.zero_stage = config["zero_optimization"]["stage"]

@@ -33,6 +33,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling) | amp_bf16 (autocast)
     attention: str = "auto"  # SDPA kernels: auto | default | math | flash | efficient | cudnn (contrastive.engine)
+    tf32: bool = True  # on GPUs, fp32 matmuls and convolutions in TF32 (as open_clip's trainer); cuDNN autotunes
     threads: int = 0  # torch intra-op threads per rank; 0: on CPU, cores per rank minus loader workers
     log_every: int = 10  # steps between metrics rows (and log lines when stdout is not a terminal)
     eval_every: int = 0  # steps; 0 evaluates at the end only

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check in one go, for a short lease (at most 8 minutes): installs the wheels prepare.sh
+# The GPU check in one go, for a short lease (at most 9.5 minutes): installs the wheels prepare.sh
 # gathered, runs the tests marked `cuda`, then measures against open_clip's own trainer on the same GPU
-# (benchmarks/gpu/measure.py). Prints as it goes; writes OUT/gpu.json, OUT/cuda-tests.log, OUT/check.log.
+# (benchmarks/gpu/measure.py). Prints as it goes; writes OUT/gpu.json, OUT/profile.json, OUT/cuda-tests.log,
+# OUT/check.log.
 #
 #   bash benchmarks/gpu/check.sh OUT             on the lent GPU machine (after prepare.sh here)
 #   bash benchmarks/gpu/check.sh OUT --dry-run   here, on the CPU, tiny sizes (.ci/run runs this)
@@ -40,9 +41,13 @@ echo "[check] tests marked cuda ($(elapsed) s)"
 timeout 150 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_install.py 2>&1 | tee "$out/cuda-tests.log"
 tests=${PIPESTATUS[0]}
 
+echo "[check] the step, phase by phase, against a bare open_clip-style loop ($(elapsed) s)"
+timeout 150 "$PY" benchmarks/gpu/step_profile.py --out "$out/profile.json" ${mode:+$mode}
+profiled=$?
+
 echo "[check] measurements ($(elapsed) s)"
 timeout $((budget + 60)) "$PY" benchmarks/gpu/measure.py --out "$out/gpu.json" --open-clip-site "$site" \
     --budget "$budget" ${mode:+$mode}
 measured=$?
-echo "[check] done in $(elapsed) s: tests exit $tests, measurements exit $measured; $out/gpu.json"
-[ "$tests" = 0 ] && [ "$measured" = 0 ]
+echo "[check] done in $(elapsed) s: tests exit $tests, step profile exit $profiled, measurements exit $measured; $out/gpu.json"
+[ "$tests" = 0 ] && [ "$profiled" = 0 ] && [ "$measured" = 0 ]

@@ -36,8 +36,8 @@ find "$out" -type f -name '*.whl' -printf '  %P\n' | sort
 [ "$size" -lt 64 ] || { echo "too large to carry" >&2; exit 1; }
 cat <<MSG
 
-On the GPU machine (device tool, run): carry [".whl"], timeout_s 540, command:
+On the GPU machine (device tool, run): carry [".whl"], timeout_s 590, command:
   bash benchmarks/gpu/check.sh \$OUT
-It installs the wheels into /tmp/site, runs the cuda tests, measures, and leaves \$OUT/gpu.json,
+It installs the wheels into /tmp/site, runs the cuda tests, measures, and leaves \$OUT/gpu.json, \$OUT/profile.json,
 \$OUT/cuda-tests.log and \$OUT/check.log.
 MSG

@@ -117,6 +117,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             accumulate=trainer.accumulate,
         ),
         attention=trainer.attention,
+        tf32=trainer.tf32,
     )
     configure_storage(data_cfg.storage_options)  # fsspec options for remote shards and checkpoints
     if data_cfg.train is None:
