@@ -127,6 +127,7 @@ def build_dataset(
             rank=rank,
             world_size=world_size,
             num_workers=settings.num_workers,
+            max_member_bytes=settings.max_member_mb << 20,
         )
     return ShardDataset(
         sources,
@@ -142,4 +143,5 @@ def build_dataset(
         epoch_samples=settings.epoch_samples,
         modality_dropout=settings.modality_dropout,
         prefetch_bytes=settings.prefetch_mb << 20,
+        max_member_bytes=settings.max_member_mb << 20,
     )

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from contrastive.data.decode import BAD_SHARD
+from contrastive.data.decode import PER_SHARD, broken_shards
 from contrastive.data.pipeline import DataPosition, ShardDataset
 from contrastive.data.shards import DataError
 from contrastive.distributed import world_size
@@ -223,7 +223,8 @@ def train_loop(
                 skipped_steps=state.skipped_steps,
             )
             metrics.update(progress.report(state.step, metrics))
-            metrics.update({f"data/{k}": v for k, v in state.counts.items() if not k.startswith(BAD_SHARD)})
+            metrics.update({f"data/{k}": v for k, v in state.counts.items() if not k.startswith(PER_SHARD)})
+            metrics["data/broken_shards"] = len(broken_shards(state.counts))
             logger.log(state.step, metrics)
         if (
             hooks.evaluate is not None

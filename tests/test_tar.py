@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from contrastive.data.shards import iter_tar_members
+from contrastive.data.tar import iter_tar_members
 
 MEMBERS = [
     ("000001.png", b"\x89PNG" + bytes(range(256)) * 3),

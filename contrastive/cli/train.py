@@ -49,6 +49,7 @@ from contrastive.checkpoint import (
 )
 from contrastive.config import CONFIG_DIR, as_schema, register_configs, validate
 from contrastive.data.checks import check_bad_fraction
+from contrastive.data.decode import broken_shards
 from contrastive.data.pipeline import batches
 from contrastive.data.shards import DataError
 from contrastive.data.storage import configure_storage
@@ -251,10 +252,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         write_plots(run_dir, read_metrics(run_dir))
     if dist.is_main:
         bad = {k: v for k, v in state.counts.items() if k.startswith("bad/")}
+        broken = broken_shards(state.counts)
         log.info(
-            "data: %d samples trained on; bad input skipped and counted: %s; steps skipped for non-finite values: %d",
+            "data: %d samples trained on; bad input skipped and counted: %s; broken shards: %s; steps skipped "
+            "for non-finite values: %d",
             state.counts.get("samples", 0),
             bad or "none",
+            f"{len(broken)} ({', '.join(broken)})" if broken else "none",
             state.skipped_steps,
         )
         if cfg.export:

@@ -3,7 +3,8 @@
 Bad input never stops a run and is never dropped silently: a modality that fails to decode is left
 out of its sample (the rest of the sample is kept) and counted under `bad/<modality>`; a sample with
 nothing usable left is counted under `bad/empty_sample`; slots a broken shard could not deliver are
-counted under the shard error's name. The first few occurrences of each kind are logged with shard
+counted under the shard error's name, and per shard under `broken_shard/<name>` (`broken_shards`
+tells how many shards that is). The first few occurrences of each kind are logged with shard
 and key. Counters travel with each batch, so the trainer sums exact totals from every worker.
 
 What is the code's fault is not counted: a modality whose decode or preprocess has failed on its
@@ -31,8 +32,15 @@ log = logging.getLogger("contrastive.data")
 # json: {"label": ..., "group": ...}; cls: a class index as text (CLIP_benchmark's WebDataset layout)
 METADATA_EXTENSIONS = ("json", "cls")
 BAD_SHARD = "bad_in_shard/"  # counter prefix: bad samples per shard (for the error that names them)
+BROKEN_SHARD = "broken_shard/"  # counter prefix: slots a damaged shard could not deliver, per shard
+PER_SHARD = (BAD_SHARD, BROKEN_SHARD)  # counters kept per shard name: summed up, never logged one by one
 # Counted and logged, but the sample itself is still used: not part of the bad fraction.
 NOT_LOST = ("bad/unknown_extension", "bad/json", "bad/sizes_mismatch")
+
+
+def broken_shards(counts: Mapping[str, int]) -> list[str]:
+    """The shards a damaged tar cost samples of, by name."""
+    return sorted(k[len(BROKEN_SHARD) :] for k, v in counts.items() if k.startswith(BROKEN_SHARD) and v)
 
 
 def lost(counts: Mapping[str, int]) -> int:
@@ -199,6 +207,7 @@ class BatchDecoder:
             counts["retries"] += slot.get("__retries__", 0)  # of the remote reads that brought it
             if "__error__" in slot:
                 counts[f"bad/{slot['__error__']}"] += 1
+                counts[f"{BROKEN_SHARD}{slot.get('__shard__', '?')}"] += 1
             else:
                 row, meta, more = self.decode_sample(slot, counts)
                 key = slot["__key__"]

@@ -73,6 +73,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         epoch_samples: int = 0,
         modality_dropout: Mapping[str, float] | None = None,
         prefetch_bytes: int = DataConfig.prefetch_mb << 20,
+        max_member_bytes: int = DataConfig.max_member_mb << 20,
     ):
         self.sources = list(sources)
         self.resampled = resampled
@@ -92,6 +93,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.plan: list[dict[str, int]] = []  # the layouts epoch `self.epoch` ran under before this one
         self.endless = False  # True: epoch after epoch from (epoch, start_batch), for training
         self.prefetch_bytes = prefetch_bytes
+        self.max_member_bytes = max_member_bytes
         self.storage_options = dict(STORAGE_OPTIONS)  # what a spawned worker reads remote shards with
 
     @property
@@ -162,12 +164,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.resampled:
             depth = f"/{len(self.plan)}" if epoch == self.epoch and self.plan else ""  # fresh draws for the rest
             rng = random.Random(f"resampled/{self.seed}/{epoch}/{worker}{depth}")
-            return resampled_slots(self.sources, rng=rng, count=hi - lo, prefetch_bytes=self.prefetch_bytes)
+            return resampled_slots(
+                self.sources,
+                rng=rng,
+                count=hi - lo,
+                prefetch_bytes=self.prefetch_bytes,
+                max_member=self.max_member_bytes,
+            )
         if epoch == self.epoch and self.plan:
             shards = [s for src in self.sources for s in src.shards]
             ordered = epoch_order(shards, seed=self.seed, epoch=epoch, shuffle=self.train)
             mine = elastic.segments(ordered, elastic.take(self._remaining(), lo, hi))
-            return read_segments(mine, prefetch_bytes=self.prefetch_bytes)
+            return read_segments(mine, prefetch_bytes=self.prefetch_bytes, max_member=self.max_member_bytes)
         return exact_slots(
             self.sources,
             seed=self.seed,
@@ -176,6 +184,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             worker=worker,
             workers=self.global_workers,
             prefetch_bytes=self.prefetch_bytes,
+            max_member=self.max_member_bytes,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -23,5 +23,6 @@ class DataConfig:
     # where shards are URLs (s3://, gs://, http(s)://, pipe:...; see contrastive.data.storage):
     train_num_samples: int = 0  # the training set's total, where no sizes.json counts its shards
     prefetch_mb: int = 64  # per loader worker and shard: remote bytes read ahead (2 shards at most held)
+    max_member_mb: int = 1024  # a tar member claiming more makes its shard broken (never read, never allocated)
     # fsspec options per protocol, e.g. {s3: {endpoint_url: "http://127.0.0.1:9000"}}; no credentials
     storage_options: Dict[str, Any] = field(default_factory=dict)

@@ -15,7 +15,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, Iterable
 
 from contrastive.data.storage import (
     PIPE,
@@ -26,11 +26,11 @@ from contrastive.data.storage import (
     filesystem,
     is_remote,
     join,
-    open_shard,
     read_bytes,
     redact,
     write_bytes,
 )
+from contrastive.data.tar import MAX_MEMBER, iter_tar_members
 
 log = logging.getLogger(__name__)
 
@@ -61,109 +61,29 @@ def sample_key(member_name: str) -> tuple[str | None, str | None]:
     return (f"{directory}/{key}" if directory else key), ext.lower()
 
 
-BLOCK = 512
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: read through tarfile
-REGULAR = (b"0", b"\0", b"7")  # tar types of a regular file
-
-
-def iter_tar_members(source: str | BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of each regular file of a tar, in order: `source` is a location (a path, a URL,
-    pipe:COMMAND; see contrastive.data.storage) or an open buffered binary stream, read sequentially.
-
-    Reads the 512-byte headers itself (ustar, GNU long names, pax `path`/`size` records: what tarfile,
-    GNU tar and webdataset's writers produce) instead of building a tarfile.TarInfo per member:
-    ~0.1 ms a member, a quarter of a loader worker's time on small samples. Compressed tars go
-    through tarfile. A bad header or a truncated member raises tarfile.ReadError, as tarfile does."""
-    if isinstance(source, (str, os.PathLike)):
-        with open_shard(str(source)) as f:
-            yield from iter_tar_members(f)
-        return
-    f = source
-    if f.peek(6)[:6].startswith(COMPRESSED_MAGIC):
-        yield from _tarfile_members(f)
-        return
-    long_name, pax, offset = None, {}, 0
-    while True:
-        header = f.read(BLOCK)
-        if not header.strip(b"\0"):  # end-of-archive block(s), or the end of the file
-            if offset == 0:
-                raise tarfile.ReadError("empty file")
-            return
-        if len(header) < BLOCK:
-            raise tarfile.ReadError("unexpected end of data (truncated header)")
-        if _header_checksum(header) != _octal(header[148:156]):
-            raise tarfile.ReadError(f"bad checksum in the header at byte {offset}")
-        kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax and kind not in b"xgLK" else _number(header[124:136])
-        content = f.read(size + -size % BLOCK)
-        if len(content) < size:
-            raise tarfile.ReadError("unexpected end of data")
-        offset += BLOCK + len(content)
-        if kind == b"x":
-            pax = _pax_records(content[:size])
-        elif kind == b"L":
-            long_name = content[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif kind not in b"gK":  # global pax headers and GNU long link names say nothing we use
-            name = long_name or pax.get("path") or _ustar_name(header)
-            long_name, pax = None, {}
-            if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
-                yield name, content[:size]
-
-
-def _tarfile_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if member.isreg():
-                yield member.name, tar.extractfile(member).read()
-
-
-def _header_checksum(header: bytes) -> int:
-    return sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
-
-
-def _octal(field: bytes) -> int:
-    digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits or b"0", 8)
-    except ValueError:
-        raise tarfile.ReadError(f"invalid number {field!r} in a tar header") from None
-
-
-def _number(field: bytes) -> int:
-    if field[0] in (0o200, 0o377):  # GNU base-256, for sizes of 8 GiB and more
-        value = int.from_bytes(field[1:], "big")
-        return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
-    return _octal(field)
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    prefix = header[345:500].split(b"\0", 1)[0]
-    if prefix:
-        name = prefix + b"/" + name
-    return name.decode("utf-8", "surrogateescape")
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """`<length> <key>=<value>\\n` records."""
-    records, pos = {}, 0
-    while pos < len(data) and data[pos : pos + 1] != b"\0":
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-def count_samples(path: str) -> int:
-    """Number of samples in one shard, read from the tar headers only."""
-    count, last = 0, None
-    for name, _ in iter_tar_members(path):
-        key, _ = sample_key(name)
-        if key is not None and key != last:
-            count, last = count + 1, key
+def count_samples(path: str, *, max_member: int = MAX_MEMBER) -> int:
+    """Number of samples in one shard, read from the tar headers only; a damaged tar raises
+    tarfile.ReadError."""
+    count, error = count_readable(path, max_member=max_member, strict=True)
     return count
+
+
+def count_readable(path: str, *, max_member: int = MAX_MEMBER, strict: bool = False) -> tuple[int, str | None]:
+    """(samples a shard's headers hold up to any damage, what the damage is or None). A damaged
+    shard's count stops where its headers stop making sense: the loader reads that many and `verify`
+    lists the shard (with `strict`, the damage is raised instead)."""
+    count, last = 0, None
+    try:
+        for name, _ in iter_tar_members(path, max_member=max_member):
+            key, _ = sample_key(name)
+            if key is not None and key != last:
+                count, last = count + 1, key
+    except tarfile.ReadError as e:
+        if strict:
+            raise
+        log.warning("shard %s is damaged after %d samples (%s): only those are counted", redact(path), count, e)
+        return count, str(e)
+    return count, None
 
 
 def list_shards(spec: str | os.PathLike, *, num_samples: int = 0) -> list[Shard]:
@@ -217,7 +137,7 @@ def list_shards(spec: str | os.PathLike, *, num_samples: int = 0) -> list[Shard]
         n = sizes.get(basename(location))
         if not isinstance(n, int) or n < 0:
             try:
-                n = estimate[location] if location in estimate else count_samples(location)
+                n = estimate[location] if location in estimate else count_readable(location)[0]
             except OSError as e:
                 raise DataError(f"dataset {redact(spec)}: cannot read {redact(location)}: {e}") from None
         shards.append(Shard(location, n))
@@ -264,17 +184,18 @@ def _read_sizes(location: str) -> dict[str, Any]:
     return sizes
 
 
-def write_sizes(spec: str) -> tuple[dict[str, int], str]:
+def write_sizes(spec: str) -> tuple[dict[str, int], str, dict[str, str]]:
     """Counts every shard of a dataset from its headers and writes sizes.json beside them: (the
-    counts, where they were written)."""
+    counts, where they were written, the damaged shards and their damage: counted up to it)."""
     locations, sizes_at = locate(spec)
     if sizes_at is None:
         raise DataError(f"{redact(spec)}: a pipe has no place for a {SIZES_FILE}")
     if not locations:
         raise DataError(f"dataset {redact(spec)} holds no .tar shards")
-    sizes = {basename(location): count_samples(location) for location in locations}
+    counted = {basename(location): count_readable(location) for location in locations}
+    sizes = {name: n for name, (n, _) in counted.items()}
     write_bytes(sizes_at, (json.dumps(sizes, indent=1, sort_keys=True) + "\n").encode())
-    return sizes, sizes_at
+    return sizes, sizes_at, {name: error for name, (_, error) in counted.items() if error}
 
 
 def _members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:

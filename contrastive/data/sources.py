@@ -14,8 +14,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
-from contrastive.data.shards import DataError, Shard, iter_tar_members, list_shards, sample_key
+from contrastive.data.shards import DataError, Shard, list_shards, sample_key
 from contrastive.data.storage import prefetched
+from contrastive.data.tar import MAX_MEMBER, iter_tar_members
 
 log = logging.getLogger("contrastive.data")
 
@@ -54,11 +55,11 @@ def load_sources(spec: Any, *, num_samples: int = 0) -> list[Source]:
     return sources
 
 
-def iter_tar_samples(source: Any) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(source: Any, *, max_member: int = MAX_MEMBER) -> Iterator[dict[str, Any]]:
     """Samples of one tar in order (a location or an open stream): members sharing a key, grouped
     (`__key__`, ext -> bytes)."""
     current: dict[str, Any] | None = None
-    for name, content in iter_tar_members(source):
+    for name, content in iter_tar_members(source, max_member=max_member):
         key, ext = sample_key(name)
         if key is None:
             continue
@@ -72,14 +73,17 @@ def iter_tar_samples(source: Any) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def read_segments(segments: Sequence[Segment], *, prefetch_bytes: int = 64 << 20) -> Iterator[dict[str, Any]]:
+def read_segments(
+    segments: Sequence[Segment], *, prefetch_bytes: int = 64 << 20, max_member: int = MAX_MEMBER
+) -> Iterator[dict[str, Any]]:
     """Exactly `count` slots per segment: the shard's samples (from `start`, those in `keep` where given),
     then error slots for any it could not
     deliver (a truncated or unreadable tar, or fewer samples than sizes.json claims). A segment that
     ends at its shard's end checks that nothing follows: samples beyond sizes.json's count are
     reported on the segment's last slot (`__extra__`) rather than silently never read. Remote shards
     are streamed, the next ones read ahead (at most `prefetch_bytes`); the retries their reading took
-    are reported on the next slot (`__retries__`)."""
+    are reported on the next slot (`__retries__`). No member larger than `max_member` is read: a
+    header claiming one makes its shard broken (see contrastive.data.tar)."""
     retries: deque = deque()  # one entry per retry, appended by the reading thread
     streams = prefetched(
         [segment[0].path for segment in segments], prefetch_bytes=prefetch_bytes, on_retry=lambda: retries.append(1)
@@ -96,7 +100,7 @@ def read_segments(segments: Sequence[Segment], *, prefetch_bytes: int = 64 << 20
         last = None
         try:
             with stream:
-                for index, sample in enumerate(iter_tar_samples(stream)):
+                for index, sample in enumerate(iter_tar_samples(stream, max_member=max_member)):
                     if delivered == count:
                         if end < shard.samples:
                             break
@@ -156,15 +160,23 @@ def exact_slots(
     worker: int,
     workers: int,
     prefetch_bytes: int = 64 << 20,
+    max_member: int = MAX_MEMBER,
 ) -> Iterator[dict[str, Any]]:
     """One pass over every sample of every source, this worker's span of it."""
     shards = [s for src in sources for s in src.shards]
     ordered = epoch_order(shards, seed=seed, epoch=epoch, shuffle=shuffle)
-    return read_segments(worker_segments(ordered, worker, workers), prefetch_bytes=prefetch_bytes)
+    return read_segments(
+        worker_segments(ordered, worker, workers), prefetch_bytes=prefetch_bytes, max_member=max_member
+    )
 
 
 def resampled_slots(
-    sources: Sequence[Source], *, rng: random.Random, count: int, prefetch_bytes: int = 64 << 20
+    sources: Sequence[Source],
+    *,
+    rng: random.Random,
+    count: int,
+    prefetch_bytes: int = 64 << 20,
+    max_member: int = MAX_MEMBER,
 ) -> Iterator[dict[str, Any]]:
     """`count` slots, each from a source drawn by weight; within a source, shards are drawn with
     replacement (in proportion to their sample counts) and read to their end."""
@@ -178,7 +190,9 @@ def resampled_slots(
                 if not shards:
                     raise DataError(f"data: {sources[i].path} holds no samples")
                 shard = rng.choices(shards, weights=[s.samples for s in shards])[0]
-                open_shards[i] = read_segments([(shard, 0, shard.samples, None)], prefetch_bytes=prefetch_bytes)
+                open_shards[i] = read_segments(
+                    [(shard, 0, shard.samples, None)], prefetch_bytes=prefetch_bytes, max_member=max_member
+                )
             slot = next(open_shards[i], None)
             if slot is not None:
                 yield slot

@@ -54,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
         help="corrupt samples tolerated before the exit code is 1 (default: none)",
     )
     verify.add_argument("--workers", type=int, default=2)
+    verify.add_argument(
+        "--max-member-mb",
+        type=int,
+        default=1024,
+        help="a tar member claiming more makes its shard broken, as data.max_member_mb does for training",
+    )
     verify.add_argument("--json", type=Path, help="write the full report here")
 
     bench = sub.add_parser("benchmark", help="an eval set in CLIP_benchmark's WebDataset layout, from a manifest")
@@ -133,7 +139,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "verify":
         from contrastive.data_tools.inspect import format_verify, verify
 
-        report, ok = verify(args.directory, workers=args.workers, max_bad_fraction=args.max_bad_fraction)
+        report, ok = verify(
+            args.directory,
+            workers=args.workers,
+            max_bad_fraction=args.max_bad_fraction,
+            max_member=args.max_member_mb << 20,
+        )
         print(format_verify(report, ok))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
@@ -165,8 +176,10 @@ def run(args: argparse.Namespace) -> int:
             from contrastive.data.shards import write_sizes
             from contrastive.data.storage import redact
 
-            sizes, where = write_sizes(args.directory)
+            sizes, where, damaged = write_sizes(args.directory)
             print(f"{sum(sizes.values())} samples in {len(sizes)} shards: wrote {redact(where)}")
+            for name, error in damaged.items():
+                print(f"  broken shard {name}: counted up to the damage ({sizes[name]} samples): {error}")
         limit = args.max_samples if args.max_samples is not None else (1000 if args.write_sizes else 0)
         result = stats(args.directory, max_samples=limit)
         print(format_stats(result))

@@ -22,12 +22,14 @@ import statistics
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from typing import Any
 
 from contrastive.data.decode import known_extensions
 from contrastive.data.shards import SIZES_FILE, locate
 from contrastive.data.sources import iter_tar_samples
 from contrastive.data.storage import STORAGE_OPTIONS, basename, configure_storage, read_bytes, redact
+from contrastive.data.tar import MAX_MEMBER
 from contrastive.data_tools.shards import extension_kinds
 from contrastive.modalities import MODALITIES, build_modality
 
@@ -47,7 +49,7 @@ def _worker_init(storage_options: dict[str, Any]) -> None:
     configure_storage(storage_options)
 
 
-def verify_shard(path: str) -> dict[str, Any]:
+def verify_shard(path: str, max_member: int = MAX_MEMBER) -> dict[str, Any]:
     """One shard's report: samples, per-modality present/corrupt, corrupt entries, shard error."""
     modalities = _modalities()
     known = known_extensions()
@@ -61,7 +63,7 @@ def verify_shard(path: str) -> dict[str, Any]:
         "error": None,
     }
     try:
-        for sample in iter_tar_samples(path):
+        for sample in iter_tar_samples(path, max_member=max_member):
             report["samples"] += 1
             key = sample["__key__"]
             for ext in sample:
@@ -102,7 +104,9 @@ def verify_shard(path: str) -> dict[str, Any]:
     return report
 
 
-def verify(directory: str, *, workers: int = 2, max_bad_fraction: float = 0.0) -> tuple[dict[str, Any], bool]:
+def verify(
+    directory: str, *, workers: int = 2, max_bad_fraction: float = 0.0, max_member: int = MAX_MEMBER
+) -> tuple[dict[str, Any], bool]:
     """(report, ok). ok is False when a shard is broken, sizes.json is wrong, or the fraction of
     corrupt samples exceeds `max_bad_fraction`."""
     tars, sizes_at = locate(directory)
@@ -111,7 +115,7 @@ def verify(directory: str, *, workers: int = 2, max_bad_fraction: float = 0.0) -
     with ProcessPoolExecutor(
         max_workers=max(1, workers), initializer=_worker_init, initargs=(dict(STORAGE_OPTIONS),)
     ) as pool:
-        shards = list(pool.map(verify_shard, tars))
+        shards = list(pool.map(partial(verify_shard, max_member=max_member), tars))
     sizes: dict[str, Any] = {}
     problems = []
     try:
@@ -182,52 +186,68 @@ def _summary(values: list[float]) -> dict[str, float] | None:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
-def stats(directory: str, *, max_samples: int = 0) -> dict[str, Any]:
-    """Coverage, audio durations (s), image sizes (pixels), caption lengths (words), labels."""
-    import soundfile
-    from PIL import Image
+class _Description:
+    """What `stats` gathers, sample by sample (from headers where it can: no full decoding)."""
 
-    kinds = extension_kinds()
-    coverage: Counter = Counter()
-    durations, widths, heights, words = [], [], [], []
-    labels: Counter = Counter()
-    n = 0
+    def __init__(self):
+        self.kinds = extension_kinds()
+        self.samples = 0
+        self.coverage: Counter = Counter()
+        self.labels: Counter = Counter()
+        self.durations, self.widths, self.heights, self.words = [], [], [], []
+
+    def add(self, sample: dict[str, Any]) -> None:
+        import soundfile
+        from PIL import Image
+
+        self.samples += 1
+        for ext, value in sample.items():
+            kind = self.kinds.get(ext)
+            if kind:
+                self.coverage[kind] += 1
+            try:
+                if kind == "audio":
+                    info = soundfile.info(io.BytesIO(value))
+                    self.durations.append(info.frames / info.samplerate)
+                elif kind == "image":
+                    w, h = Image.open(io.BytesIO(value)).size
+                    self.widths.append(w)
+                    self.heights.append(h)
+                elif kind == "text":
+                    self.words.append(len(value.decode("utf-8").split()))
+                elif ext == "json":
+                    label = json.loads(value).get("label")
+                    if label is not None:
+                        self.labels[str(label)] += 1
+            except Exception:  # noqa: BLE001 - `verify` reports corrupt data; stats describe the rest
+                pass
+
+
+def stats(directory: str, *, max_samples: int = 0) -> dict[str, Any]:
+    """Coverage, audio durations (s), image sizes (pixels), caption lengths (words), labels, and the
+    shards whose tar is damaged (described up to the damage, as the loader reads them)."""
+    d = _Description()
+    broken: dict[str, str] = {}
     for tar in locate(directory)[0]:
-        for sample in iter_tar_samples(tar):
-            n += 1
-            for ext, value in sample.items():
-                kind = kinds.get(ext)
-                if kind:
-                    coverage[kind] += 1
-                try:
-                    if kind == "audio":
-                        info = soundfile.info(io.BytesIO(value))
-                        durations.append(info.frames / info.samplerate)
-                    elif kind == "image":
-                        w, h = Image.open(io.BytesIO(value)).size
-                        widths.append(w)
-                        heights.append(h)
-                    elif kind == "text":
-                        words.append(len(value.decode("utf-8").split()))
-                    elif ext == "json":
-                        label = json.loads(value).get("label")
-                        if label is not None:
-                            labels[str(label)] += 1
-                except Exception:  # noqa: BLE001 - `verify` reports corrupt data; stats describe the rest
-                    pass
-            if max_samples and n >= max_samples:
-                break
-        if max_samples and n >= max_samples:
+        try:
+            for sample in iter_tar_samples(tar):
+                d.add(sample)
+                if max_samples and d.samples >= max_samples:
+                    break
+        except (tarfile.TarError, OSError, EOFError) as e:  # what the loader counts as a broken shard
+            broken[basename(tar)] = f"{type(e).__name__}: {redact(str(e))}"
+        if max_samples and d.samples >= max_samples:
             break
     return {
-        "samples": n,
-        "coverage": {k: coverage[k] / max(n, 1) for k in _modalities()},
-        "audio_seconds": _summary(durations),
-        "image_width": _summary(widths),
-        "image_height": _summary(heights),
-        "caption_words": _summary(words),
-        "labels": len(labels),
-        "top_labels": dict(labels.most_common(10)),
+        "samples": d.samples,
+        "coverage": {k: d.coverage[k] / max(d.samples, 1) for k in _modalities()},
+        "audio_seconds": _summary(d.durations),
+        "image_width": _summary(d.widths),
+        "image_height": _summary(d.heights),
+        "caption_words": _summary(d.words),
+        "labels": len(d.labels),
+        "top_labels": dict(d.labels.most_common(10)),
+        "broken_shards": broken,
     }
 
 
@@ -244,4 +264,5 @@ def format_stats(s: dict[str, Any]) -> str:
         if v:
             lines.append(f"  {key:<14} min {v['min']:.3g}  median {v['median']:.3g}  max {v['max']:.3g} {unit}")
     lines.append(f"  {s['labels']} labels; most frequent: {s['top_labels']}")
+    lines += [f"  broken shard {shard}: {error}" for shard, error in s.get("broken_shards", {}).items()]
     return "\n".join(lines)
