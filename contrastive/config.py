@@ -12,14 +12,17 @@ config group options (`modality/image`, `loss=siglip`): their dataclasses are th
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from contrastive.credentials import find_secrets, redact, secret_message
 from contrastive.data.settings import DataConfig
 from contrastive.engine import EngineConfig
 from contrastive.evaluation.settings import EvalConfig
@@ -99,12 +102,73 @@ def as_schema(cfg: Any) -> DictConfig:
         raise ConfigError(f"{e.full_key}: {e.msg}") from None
 
 
+# Free-form dicts a user fills with keys of their own: assigned whole from the command line, with or
+# without `+` (`data.storage_options={s3: {endpoint_url: ...}}`), as the README writes them.
+OPEN_DICTS = ("data.storage_options", "data.modality_dropout")
+
+
 def register_configs() -> None:
     """The schema, and every registered modality and loss as an option of its config group. Called
     again after importing a user's module, so that what it registers can be chosen."""
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
+    schema = OmegaConf.structured(TrainConfig)
+    for path in OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(schema, path), False)
+    store.store(name="train_schema", node=schema)
     for name, cls in MODALITIES.items():
         store.store(group="modality", name=name, node=cls)
     for name, cls in LOSSES.items():
         store.store(group="loss", name=name, node=cls.settings(name=name))
+
+
+def override_credentials(overrides: list[str]) -> list[tuple[str, str]]:
+    """(key path, why) of each credential in command-line overrides, sweeps' values included."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return []
+    found = []
+    for override in parsed:
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            found += find_secrets({override.key_or_group: value})
+    return found
+
+
+def refuse_credentials(cfg: Any) -> None:
+    """Raises ConfigError naming the key path of each credential in a config (its interpolations
+    unresolved: `${oc.env:...}` is allowed) and, for Hydra's full config, in its overrides."""
+    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
+    hydra = plain.pop("hydra", None) or {}
+    found = list(find_secrets(plain))
+    found += override_credentials(((hydra.get("overrides") or {}).get("task")) or [])
+    if found:
+        raise ConfigError(secret_message(list(dict.fromkeys(found))))
+
+
+def saved_config(cfg: Any) -> dict[str, Any]:
+    """The config as every copy of it is written (config.yaml, checkpoints, wandb, exports): resolved,
+    with every credential (one an `${oc.env:...}` brought in) redacted."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+class RefuseCredentials(Callback):
+    """Hydra calls this before it writes anything of a run (its .hydra/ copies of the config and the
+    overrides, the run directory): a credential in the config stops the run there, named. Hydra turns
+    a callback's exceptions into warnings and carries on, so this one exits (status 2) instead."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse(config)
+
+    @staticmethod
+    def _refuse(config: DictConfig) -> None:
+        try:
+            refuse_credentials(config)
+        except ConfigError as e:
+            print(f"contrastive-train: {e}", file=sys.stderr)
+            raise SystemExit(2) from None

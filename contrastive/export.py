@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from contrastive.credentials import redact
 from contrastive.model import ContrastiveModel, ContrastiveObjective
 
 FORMAT = "contrastive-export/1"
@@ -159,8 +160,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     layout = meta.get("data_layout", {})
     info = {
         "steps": meta["step"],
-        "train_data": cfg["data"]["train"],
-        "eval_data": cfg["data"]["eval"],
+        # redacted again: a checkpoint written before credentials were redacted may hold one
+        "train_data": redact(cfg["data"]["train"]),
+        "eval_data": redact(cfg["data"]["eval"]),
         "global_batch_size": cfg["data"]["batch_size"] * layout.get("world_size", 1) * cfg["trainer"]["accumulate"],
         "epochs_seen": state["position"]["epoch"],
         "samples_seen": state["counts"].get("samples", 0),

@@ -70,12 +70,45 @@ def _child(args: list[str], url: str, **kwargs) -> Iterator[None]:
 
 
 @contextmanager
-def http_server(root: str | os.PathLike) -> Iterator[str]:
-    """`root` served over HTTP: yields its base URL."""
+def http_server(root: str | os.PathLike, *, token: str | None = None) -> Iterator[str]:
+    """`root` served over HTTP: yields its base URL. With `token`, a request without the header
+    `Authorization: Bearer <token>` is answered 401 (the token reaches the server by its environment)."""
     port = free_port()
-    args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
-    with _child(args, f"http://127.0.0.1:{port}/"):
+    if token is None:
+        args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+        env = None
+    else:
+        args = [sys.executable, __file__, "http", "--root", str(root), "--port", str(port)]
+        env = {**os.environ, "SERVE_TOKEN": token}
+    with _child(args, f"http://127.0.0.1:{port}/", env=env):
         yield f"http://127.0.0.1:{port}"
+
+
+def serve_with_token(root: str, port: int, token: str) -> None:
+    """Python's file server, answering only requests that carry the bearer token."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=root, **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _authorized(self) -> bool:
+            if self.headers.get("Authorization") == f"Bearer {token}":
+                return True
+            self.send_error(401, "a bearer token is needed")
+            return False
+
+        def do_GET(self) -> None:
+            if self._authorized():
+                super().do_GET()
+
+        def do_HEAD(self) -> None:
+            if self._authorized():
+                super().do_HEAD()
+
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
 @contextmanager
@@ -257,15 +290,19 @@ class FaultProxy:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="run the fault proxy in front of an HTTP server until killed")
-    p.add_argument("command", choices=["proxy"])
-    p.add_argument("--upstream", required=True)
+    p = argparse.ArgumentParser(description="run the fault proxy (or a token-checking file server) until killed")
+    p.add_argument("command", choices=["proxy", "http"])
+    p.add_argument("--upstream")
+    p.add_argument("--root", help="http: the folder to serve (the token: $SERVE_TOKEN)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--mbps", type=float, default=0.0, help="megabytes per second, all bodies together")
     p.add_argument("--error-every", type=int, default=0)
     p.add_argument("--reset-every", type=int, default=0)
     args = p.parse_args()
+    if args.command == "http":
+        serve_with_token(args.root, args.port, os.environ["SERVE_TOKEN"])
+        return
     proxy = FaultProxy(
         args.upstream,
         latency=args.latency_ms / 1000,

@@ -29,7 +29,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
 
     from contrastive.cli.train import import_from_overrides
-    from contrastive.config import CONFIG_DIR, validate
+    from contrastive.config import CONFIG_DIR, refuse_credentials, validate
 
     import_from_overrides(overrides)
     if not any(o.startswith("launcher=") for o in overrides):
@@ -37,6 +37,7 @@ def compose(overrides: list[str]):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
     run_dir = Path(str(cfg.hydra.run.dir)).resolve()
+    refuse_credentials(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     validate(cfg)
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     from contrastive.launch import render_sbatch, resolve_allocation
     from contrastive.modalities import ConfigError
 
-    cfg, run_dir = compose(args.overrides)
+    try:
+        cfg, run_dir = compose(args.overrides)
+    except ConfigError as e:
+        print(f"contrastive-submit: {e}", file=sys.stderr)
+        return 2
     script = run_dir / "job.sbatch"
     launcher = OmegaConf.to_object(cfg.launcher)
     try:
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# (dry run: nothing written, nothing submitted; run directory would be {run_dir})", file=sys.stderr)
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "job_config.yaml", resolve=True)
+    # unresolved: an ${oc.env:...} credential is read where the job runs, never written here
+    OmegaConf.save(cfg, run_dir / "job_config.yaml", resolve=False)
     script.write_text(text)
     out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if out.returncode != 0:

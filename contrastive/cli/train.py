@@ -47,7 +47,7 @@ from contrastive.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from contrastive.config import CONFIG_DIR, as_schema, register_configs, validate
+from contrastive.config import CONFIG_DIR, as_schema, refuse_credentials, register_configs, saved_config, validate
 from contrastive.data.checks import check_bad_fraction
 from contrastive.data.decode import broken_shards
 from contrastive.data.pipeline import batches
@@ -80,6 +80,7 @@ def typed(node: Any) -> Any:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Trains as `cfg` says, in `run_dir`; returns the final evaluation metrics (empty without eval data)."""
     import_modules(cfg.imports)
+    refuse_credentials(cfg)
     cfg = as_schema(cfg)
     validate(cfg)
     trainer, data_cfg = typed(cfg.trainer), typed(cfg.data)
@@ -154,9 +155,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             moments["step"],
         )
 
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = saved_config(cfg)  # every credential redacted, also one the environment brought in
     if dist.is_main:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     logger = MetricsLogger(
         run_dir,
         enabled=dist.is_main,

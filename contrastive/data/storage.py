@@ -23,16 +23,16 @@ import logging
 import os
 import queue
 import random
-import re
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from contrastive.credentials import location_secret, redact_location, secret_message
 
 log = logging.getLogger("contrastive.data")
 
 PIPE = "pipe:"
-SECRET_OPTION = re.compile(r"(secret|password|token|credential|key_id|access_key|api_key)", re.IGNORECASE)
 STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # protocol -> fsspec keyword arguments (configure_storage)
 RETRIES = 6  # attempts after the first failure, backoff doubling from BACKOFF seconds
 BACKOFF = 0.2
@@ -48,36 +48,23 @@ def is_remote(location: str) -> bool:
 
 
 def redact(location: str) -> str:
-    """The location as logs may show it: no user information, no query string (signatures, tokens)."""
-    if location.startswith(PIPE) or "://" not in location:
-        return location
-    parts = urlsplit(location)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "<redacted>" if parts.query else "", ""))
+    """The location (or a message holding one) as logs may show it: see contrastive.credentials."""
+    return redact_location(location)
 
 
 def check_no_secrets(location: str, where: str) -> None:
-    """A URL with a password or a signed query is refused: configs are saved with every run."""
-    if location.startswith(PIPE) or "://" not in location:
-        return
-    parts = urlsplit(location)
-    if parts.password or re.search(r"(signature|token|x-amz-credential|sig=)", parts.query, re.IGNORECASE):
-        raise StorageError(
-            f"{where}: {redact(location)} carries a credential; configs are saved with every run, "
-            "so give credentials through the environment or your profile (AWS_*, gcloud, netrc)"
-        )
+    """A location that carries a credential (contrastive.credentials) is refused: locations are saved
+    with every run and shown in its logs."""
+    why = location_secret(location)
+    if why:
+        raise StorageError(secret_message([(where, why)], f"{where} ({redact(location)})"))
 
 
 def configure_storage(options: Mapping[str, Mapping[str, Any]] | None) -> None:
-    """fsspec keyword arguments per protocol (`{s3: {endpoint_url: ...}}`); no secrets among them."""
+    """fsspec keyword arguments per protocol (`{s3: {endpoint_url: ...}}`), resolved: a credential
+    among them can only have come from the environment (`${oc.env:...}`; a literal one is refused
+    with the config, contrastive.config.refuse_credentials), and is never written back."""
     for protocol, kwargs in (options or {}).items():
-        secret = [k for k in kwargs if SECRET_OPTION.search(k)]
-        if secret:
-            raise StorageError(
-                f"data.storage_options.{protocol}: {secret} look like credentials; configs are saved "
-                "with every run, so give them through the environment or your profile"
-            )
         STORAGE_OPTIONS[protocol] = dict(kwargs)
 
 
