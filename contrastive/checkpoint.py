@@ -13,8 +13,15 @@ place, then replaces `latest`. A crash at any point leaves `latest` naming a com
 
 Off the node (`trainer.checkpoint_dir=s3://bucket/run`, any fsspec URL): each complete checkpoint is
 then uploaded, `contrastive.json` last, and the remote `latest` is moved after it, so a crash
-mid-upload never breaks the remote `latest` either. `resume=latest` in an empty run directory (another
-node, another allocation) fetches the remote latest first.
+mid-upload never breaks the remote `latest` either. The upload runs in the background on rank 0
+while training goes on; the next checkpoint waits for it, and the run's end awaits the last one.
+`resume=latest` in an empty run directory (another node, another allocation) fetches the remote
+latest first. The remote `latest` is a claim from a bucket: only a tag of the form `step_NNNNNNNN`
+is followed.
+
+Rank 0's long work (the upload, the fetch, the files it writes alone) goes through
+`contrastive.distributed.run_on_main`: no collective waits on it past the process group's timeout,
+and an error in it reaches every rank at once.
 """
 
 from __future__ import annotations
@@ -23,20 +30,30 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from contrastive.distributed import barrier, rank
+from contrastive.distributed import barrier, rank, run_on_main, same_on_every_rank
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 MARKER = "contrastive.json"  # written last: its presence marks a complete checkpoint
 PARTIAL = ".partial"
+TAG = re.compile(r"step_\d{8}")  # what a checkpoint directory is named, and all `latest` may name
+
+
+def checked_tag(tag: str, where: str) -> str:
+    """`tag` if it is a checkpoint tag; a pointer naming anything else (`../..`, a path) is refused."""
+    if not TAG.fullmatch(tag):
+        raise ValueError(f"{where} names {tag[:80]!r}, which is no checkpoint tag (step_NNNNNNNN): not followed")
+    return tag
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -67,11 +84,14 @@ def _write_atomic(path: Path, text: str) -> None:
 class RemoteCheckpoints:
     """Checkpoints mirrored to a URL: `<url>/<tag>/...` and `<url>/latest`."""
 
-    def __init__(self, url: str, keep_last: int = 0):
+    def __init__(self, url: str, keep_last: int = 0, *, timeout: float = 0.0):
         from contrastive.data.storage import check_no_secrets
 
         check_no_secrets(url, "trainer.checkpoint_dir")
         self.url, self.keep_last = url.rstrip("/"), keep_last
+        self.timeout = timeout  # seconds an upload or a fetch may take (0: no limit)
+        self._upload: threading.Thread | None = None
+        self._upload_error: list[BaseException] = []
 
     def _fs(self):
         from contrastive.data.storage import filesystem
@@ -79,12 +99,20 @@ class RemoteCheckpoints:
         return filesystem(self.url)
 
     def check(self) -> None:
-        """Writes and deletes a probe object (rank 0), so that a wrong bucket, path or credential stops
-        the run before its first step rather than at its first checkpoint."""
+        """Collective: rank 0 writes and deletes a probe object, so that a wrong bucket, path or
+        credential stops every rank before the first step rather than at the first checkpoint."""
+        run_on_main(
+            self._probe, what=f"trainer.checkpoint_dir: the write probe of {self._shown()}", timeout=self.timeout
+        )
+
+    def _shown(self) -> str:
+        from contrastive.data.storage import redact
+
+        return redact(self.url)
+
+    def _probe(self) -> None:
         from contrastive.data.storage import StorageError, redact
 
-        if rank() != 0:
-            return
         fs, root = self._fs()
         probe = f"{root}/.write-probe-{os.getpid()}"
         try:
@@ -94,6 +122,31 @@ class RemoteCheckpoints:
             raise StorageError(
                 f"trainer.checkpoint_dir: cannot write to {redact(self.url)}: {type(e).__name__}: {e}"
             ) from None
+
+    def start_upload(self, checkpoint: Path) -> None:
+        """Rank 0: uploads `checkpoint` in the background (the previous upload has been awaited)."""
+        assert self._upload is None or not self._upload.is_alive(), "the previous upload was not awaited"
+
+        def upload() -> None:
+            try:
+                self.upload(checkpoint)
+            except BaseException as e:  # noqa: BLE001 - raised by wait(), on every rank
+                self._upload_error.append(e)
+
+        self._upload = threading.Thread(target=upload, name=f"upload {checkpoint.name}", daemon=True)
+        self._upload.start()
+
+    def wait(self) -> None:
+        """Rank 0: until the background upload (if any) has finished; raises its error."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._upload_error:
+            raise self._upload_error.pop()
+
+    def await_upload(self, what: str = "the upload of the last checkpoint") -> None:
+        """Collective: every rank waits (heartbeating) until rank 0's background upload has finished."""
+        run_on_main(self.wait, what=f"{what} to {self._shown()}", timeout=self.timeout)
 
     def upload(self, checkpoint: Path) -> None:
         """Every file of a complete checkpoint, its marker last, then `latest`; older tags pruned."""
@@ -116,7 +169,8 @@ class RemoteCheckpoints:
         fs, root = self._fs()
         if not fs.exists(f"{root}/{LATEST}"):
             return None
-        return fs.cat_file(f"{root}/{LATEST}").decode().strip() or None
+        tag = fs.cat_file(f"{root}/{LATEST}").decode(errors="replace").strip()
+        return checked_tag(tag, f"{self._shown()}/{LATEST}") if tag else None
 
     def fetch(self, tag: str, run_dir: str | os.PathLike) -> Path:
         """Downloads `<url>/<tag>` into the run's checkpoints (through .partial, renamed when complete)."""
@@ -150,31 +204,38 @@ def save_checkpoint(
     remote: RemoteCheckpoints | None = None,
 ) -> Path:
     """Collective: every rank calls it. `meta` (JSON) is rank 0's record of the run's state;
-    `rank_state` is this rank's own (RNG states)."""
+    `rank_state` is this rank's own (RNG states). With `remote`, the previous checkpoint's upload is
+    awaited first and this one's starts in the background on rank 0."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step:08d}"
     partial = root / PARTIAL
-    if rank() == 0:
+    if remote is not None:
+        remote.await_upload("the upload of the previous checkpoint")
+
+    def prepare() -> None:
         shutil.rmtree(partial / tag, ignore_errors=True)
         (partial / tag).mkdir(parents=True)
-    barrier()
+
+    run_on_main(prepare, what=f"preparing checkpoint {tag}")
     engine.save(partial, tag, client_state={})
     torch.save(rank_state, partial / tag / f"rank{rank():05d}.pt")
     barrier()
     final = root / tag
-    if rank() == 0:
+
+    def complete() -> None:
         (partial / tag / MARKER).write_text(json.dumps({"step": step, **meta}, indent=1, default=str) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial / tag, final)
         _write_atomic(root / LATEST, tag + "\n")
         if keep_last > 0:
-            done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+            done = sorted(p for p in root.iterdir() if p.is_dir() and TAG.fullmatch(p.name))
             for old in done[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         if remote is not None:
-            remote.upload(final)
-    barrier()
+            remote.start_upload(final)
+
+    run_on_main(complete, what=f"completing checkpoint {tag}")
     return final
 
 
@@ -186,7 +247,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     pointer = checkpoint_root(run_dir) / LATEST
     if not pointer.exists():
         return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    path = checkpoint_root(run_dir) / checked_tag(pointer.read_text().strip(), str(pointer))
     return path if is_complete(path) else None
 
 
@@ -201,10 +262,14 @@ def resolve_resume(
     if resume == LATEST:
         found = latest_checkpoint(run_dir)
         if found is None and remote is not None:
-            tag = remote.latest_tag()
-            if tag is not None and rank() == 0:
-                remote.fetch(tag, run_dir)
-            barrier()
+            # rank 0 reads the remote pointer (every rank follows the same one) and fetches
+            tag = same_on_every_rank(remote.latest_tag() if rank() == 0 else None)
+            if tag is not None:
+                run_on_main(
+                    lambda: remote.fetch(tag, run_dir),
+                    what=f"fetching checkpoint {tag} from {remote._shown()}",
+                    timeout=remote.timeout,
+                )
             found = latest_checkpoint(run_dir)
         if found is None:
             log.info("resume=latest: no checkpoint in %s yet, starting from scratch", checkpoint_root(run_dir))
@@ -226,22 +291,28 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def record_metrics(path: str | os.PathLike, metrics: dict[str, float], remote: RemoteCheckpoints | None = None) -> None:
-    """Adds the evaluation at a checkpoint's step to its record (rank 0; atomic, so the checkpoint
-    stays complete whatever happens): exports made from it carry these figures."""
-    if rank() == 0:
-        marker = Path(path) / MARKER
+    """Collective: adds the evaluation at a checkpoint's step to its record (rank 0; atomic, so the
+    checkpoint stays complete whatever happens): exports made from it carry these figures. With
+    `remote`, the checkpoint's upload is awaited and its record uploaded again."""
+    marker = Path(path) / MARKER
+
+    def record() -> None:
         _write_atomic(marker, json.dumps({**read_meta(path), "metrics": dict(metrics)}, indent=1, default=str) + "\n")
         if remote is not None:
+            remote.wait()
             fs, root = remote._fs()
             fs.put_file(str(marker), f"{root}/{Path(path).name}/{MARKER}")
-    barrier()
+
+    what = f"recording the final metrics in {Path(path).name}" + (" and finishing its upload" if remote else "")
+    run_on_main(record, what=what, timeout=remote.timeout if remote is not None else 0)
 
 
-def load_checkpoint(path: Path, engine: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path, engine: Any, *, timeout: float = 0.0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores the engine (weights, optimizer, schedule) from `path`, saved by this number of ranks or
     another; returns (meta, this rank's state: empty for a rank the saving run did not have)."""
     meta = read_meta(path)
-    engine.load(path.parent, path.name, saved_world_size=meta.get("data_layout", {}).get("world_size"))
+    engine.load(path.parent, path.name, saved_world_size=meta.get("data_layout", {}).get("world_size"), timeout=timeout)
     mine = path / f"rank{rank():05d}.pt"
+    # RNG states: numpy's is a tuple holding an ndarray, which weights_only refuses; the file is ours
     rank_state = torch.load(mine, map_location="cpu", weights_only=False) if mine.exists() else {}
     return meta, rank_state

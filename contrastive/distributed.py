@@ -1,19 +1,32 @@
 """Everything distributed lives here: process-group setup from any launcher, the differentiable
-all-gather, and small helpers. The rest of the code asks `is_main()` and calls `gather_with_grad`.
+all-gather, long work on rank 0 that no collective times out on, and small helpers. The rest of the
+code asks `is_main()`, calls `gather_with_grad`, and hands rank 0's long work to `run_on_main`.
 
-Rank and world size come from whichever launcher set the environment: torchrun and the DeepSpeed
-launcher (RANK, LOCAL_RANK, WORLD_SIZE) or SLURM's srun (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS).
-The backend is NCCL on CUDA and gloo on CPU.
+Rank and world size come from whichever launcher set the environment (`LAUNCHERS`): torchrun
+(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), the DeepSpeed launcher (the same, but LOCAL_SIZE
+for the ranks on a node), SLURM's srun (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS,
+SLURM_TASKS_PER_NODE) or OpenMPI's mpirun (OMPI_COMM_WORLD_*). The backend is NCCL on CUDA and gloo
+on CPU; every collective gives up after `trainer.dist_timeout` seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
+import time
+import traceback
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("contrastive")
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 1800  # seconds a collective waits (trainer.dist_timeout)
 
 
 @dataclass(frozen=True)
@@ -40,13 +53,26 @@ def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[min(node_id, len(counts) - 1)]
 
 
-def launcher_env() -> tuple[int, int, int, int]:
-    """(rank, local rank, world size, ranks on this node) from torchrun/DeepSpeed or SLURM variables;
-    (0, 0, 1, 1) alone."""
-    env = os.environ
+def launcher_env(env: dict | None = None) -> tuple[int, int, int, int]:
+    """(rank, local rank, world size, ranks on this node) from torchrun's, DeepSpeed's, SLURM's or
+    OpenMPI's variables (in that order of precedence); (0, 0, 1, 1) alone."""
+    env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world, int(env.get("LOCAL_WORLD_SIZE", world))
+        # torchrun: LOCAL_WORLD_SIZE; the DeepSpeed launcher: LOCAL_SIZE; neither (a hand-made
+        # environment): the node's count from SLURM if it ran under srun, else every rank on one node
+        local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+        if local is None and "SLURM_TASKS_PER_NODE" in env:
+            local = slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"], int(env.get("SLURM_NODEID", 0)))
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world, int(local or world)
+    if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        world = int(env["OMPI_COMM_WORLD_SIZE"])
+        return (
+            int(env["OMPI_COMM_WORLD_RANK"]),
+            int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+            world,
+            int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)),
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         world = int(env["SLURM_NTASKS"])
         local = world
@@ -83,8 +109,9 @@ def choose_device(
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Joins the process group the launcher prepared (if any) and picks this rank's device."""
+def init_distributed(device: str = "auto", *, timeout: float = DEFAULT_TIMEOUT) -> DistInfo:
+    """Joins the process group the launcher prepared (if any) and picks this rank's device; every
+    collective gives up after `timeout` seconds (rank 0's long work goes through `run_on_main`)."""
     rank, local_rank, world_size, local_world_size = launcher_env()
     visible = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
     dev = choose_device(
@@ -104,7 +131,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size == 1 and not dist.is_initialized():
         # A group of one, so that the training engine (DeepSpeed) runs the same code path alone.
         dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=timedelta(seconds=timeout),
         )
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
@@ -112,6 +143,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
             rank=rank,
             world_size=world_size,
             device_id=dev if dev.type == "cuda" else None,
+            timeout=timedelta(seconds=timeout),
         )
     return DistInfo(
         rank=rank, local_rank=local_rank, world_size=world_size, device=dev, local_world_size=local_world_size
@@ -142,6 +174,69 @@ def same_on_every_rank(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class RankZeroError(RuntimeError):
+    """Long work on rank 0 failed (or ran out of time): raised on every rank at once."""
+
+
+def run_on_main(work: Callable[[], T], *, what: str, timeout: float = 0.0, poll: float = 1.0) -> T | None:
+    """Collective: rank 0 does `work` (an upload, a download, a conversion, an export) while every
+    rank waits in a heartbeat of short broadcasts, one each `poll` seconds, instead of one collective
+    that the process group's timeout would end. Returns what `work` returned on rank 0 (None on the
+    others). If `work` raises on rank 0, or has not finished after `timeout` seconds (0: no limit),
+    every rank raises RankZeroError at once, naming `what` and the error, and logs it."""
+    if world_size() == 1:
+        return _bounded(work, what, timeout)
+    result: list = []
+    failure: list[str] = []
+    thread = None
+    if rank() == 0:
+
+        def target() -> None:
+            try:
+                result.append(work())
+            except BaseException as e:  # noqa: BLE001 - reported to every rank
+                failure.append(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+        thread = threading.Thread(target=target, name=f"rank0: {what}", daemon=True)
+        thread.start()
+    started = time.monotonic()
+    while True:
+        state = [None]
+        if thread is not None:
+            thread.join(poll)
+            if thread.is_alive() and timeout and time.monotonic() - started > timeout:
+                failure.append(f"it did not finish within {timeout:.0f} s")
+            state = ["running" if thread.is_alive() and not failure else failure[0] if failure else "done"]
+        dist.broadcast_object_list(state, src=0)
+        if state[0] == "done":
+            return result[0] if result else None
+        if state[0] != "running":
+            log.error("%s failed on rank 0: %s", what, state[0])
+            raise RankZeroError(f"{what} failed on rank 0: {state[0].splitlines()[0]}")
+
+
+def _bounded(work: Callable[[], T], what: str, timeout: float) -> T:
+    if not timeout:
+        return work()
+    result: list = []
+    failure: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _collect(work, result, failure), name=what, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RankZeroError(f"{what} did not finish within {timeout:.0f} s")
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _collect(work: Callable[[], T], result: list, failure: list) -> None:
+    try:
+        result.append(work())
+    except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+        failure.append(e)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -16,15 +16,21 @@ import torch
 log = logging.getLogger("contrastive")
 
 
-def to_universal(checkpoint: Path, universal: Path) -> None:
+def to_universal(checkpoint: Path, universal: Path, *, timeout: float = 0.0) -> None:
     """DeepSpeed's ds_to_universal (one process): every parameter's fp32 weights and optimizer moments,
-    whole, in `universal`, from which any number of ranks loads its partition."""
+    whole, in `universal`, from which any number of ranks loads its partition. Stopped after
+    `timeout` seconds (0: no limit)."""
     shutil.rmtree(universal, ignore_errors=True)
     universal.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint)]
     command += ["--output_folder", str(universal), "--inject_missing_state"]
     command += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout or None)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"ds_to_universal did not convert {checkpoint} within {timeout:.0f} s (trainer.transfer_timeout)"
+        ) from None
     if done.returncode != 0:
         raise RuntimeError(f"ds_to_universal could not convert {checkpoint}:\n{done.stderr[-4000:]}")
     log.info("converted %s to a universal checkpoint for this number of ranks", checkpoint.name)

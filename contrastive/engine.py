@@ -374,15 +374,18 @@ class Engine:
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.engine.save_checkpoint(str(directory), tag=tag, client_state={**info, **client_state}, save_latest=False)
 
-    def load(self, directory: Path, tag: str, *, saved_world_size: int | None = None) -> dict[str, Any]:
+    def load(
+        self, directory: Path, tag: str, *, saved_world_size: int | None = None, timeout: float = 0.0
+    ) -> dict[str, Any]:
         """Weights, optimizer states and schedule from checkpoint `directory/tag`. One saved by another
         number of ranks with partitioned optimizer states (ZeRO 1-3, bf16) goes through DeepSpeed's
         universal checkpoint: rank 0 converts it (ds_to_universal: every parameter's fp32 weights and
-        optimizer moments, whole) and every rank loads its new partition from that."""
+        optimizer moments, whole; within `timeout` seconds, while the others heartbeat) and every rank
+        loads its new partition from that."""
         checkpoint = Path(directory) / tag
         partitioned = any(checkpoint.glob("*zero_pp_rank_*optim_states.pt"))
         if saved_world_size not in (None, torch.distributed.get_world_size()) and partitioned:
-            return self._load_universal(checkpoint)
+            return self._load_universal(checkpoint, timeout)
         path, client_state = self.engine.load_checkpoint(
             str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -390,13 +393,14 @@ class Engine:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {directory}")
         return client_state or {}
 
-    def _load_universal(self, checkpoint: Path) -> dict[str, Any]:
-        from contrastive.distributed import barrier, rank
+    def _load_universal(self, checkpoint: Path, timeout: float) -> dict[str, Any]:
+        from contrastive.distributed import barrier, rank, run_on_main
 
         universal = checkpoint.parent / ".universal" / checkpoint.name
-        if rank() == 0:
-            to_universal(checkpoint, universal)
-        barrier()
+        run_on_main(
+            lambda: to_universal(checkpoint, universal, timeout=timeout),
+            what=f"converting {checkpoint.name} to a universal checkpoint",
+        )
         self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint, as the config's flag
         try:
             path, client_state = self.engine.load_checkpoint(

@@ -42,6 +42,10 @@ class TrainerConfig:
     # a URL (s3://, gs://, ...) checkpoints are uploaded to when complete, `latest` moved last; resume=latest
     # in an empty run directory fetches from there (see contrastive.checkpoint)
     checkpoint_dir: Optional[str] = None
+    dist_timeout: int = 1800  # seconds any collective waits before the run gives up (NCCL's and gloo's timeout)
+    # seconds rank 0's long work may take: a checkpoint's upload, a fetch, a universal conversion, the
+    # export (0: no limit); the other ranks wait for it in short heartbeats, not in one collective
+    transfer_timeout: int = 14400
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     progress: bool = True  # a progress bar on a terminal; else (or false) a log line every log_every steps
     peak_tflops: float = 0.0  # one device's peak for MFU; 0: datasheet (known GPUs) or measured (CPU)

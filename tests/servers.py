@@ -17,6 +17,7 @@ import argparse
 import http.client
 import http.server
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -158,6 +159,12 @@ def upload(local: str | os.PathLike, url: str, endpoint: str) -> None:
     fs.put(str(local), url.rstrip("/"), recursive=True)
 
 
+ERRORS = {  # what the proxy answers instead of forwarding: S3's own error bodies
+    "503": (503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"),
+    "403": (403, b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"),
+}
+
+
 class _QuietServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
@@ -171,7 +178,8 @@ class FaultProxy:
     """Forwards every request to `upstream`. Each request waits `latency` seconds first; all bodies
     together are sent at most `bandwidth` bytes/s. GETs of `.tar` objects are numbered from 1: the
     `error_every`-th ones are answered 503 (S3's SlowDown), the `reset_every`-th ones are cut after
-    half their body with a TCP reset. Counters of what it did are in `served`."""
+    half their body with a TCP reset; a request whose "METHOD path" matches `deny` (a regex) is
+    answered 403 AccessDenied, which no client retries. Counters of what it did are in `served`."""
 
     def __init__(
         self,
@@ -181,12 +189,14 @@ class FaultProxy:
         bandwidth: float = 0.0,
         error_every: int = 0,
         reset_every: int = 0,
+        deny: str | None = None,
         port: int = 0,
     ):
         self.upstream = urlsplit(upstream)
         self.latency, self.bandwidth = latency, bandwidth
         self.error_every, self.reset_every = error_every, reset_every
-        self.served = {"requests": 0, "tar_gets": 0, "errors_503": 0, "resets": 0, "bytes": 0}
+        self.deny = re.compile(deny) if deny else None
+        self.served = {"requests": 0, "tar_gets": 0, "errors_503": 0, "resets": 0, "bytes": 0, "denied": 0}
         self._lock = threading.Lock()
         self._next_free = 0.0  # when the capped link is free again
         self._server = _QuietServer(("127.0.0.1", port), self._handler())
@@ -213,6 +223,9 @@ class FaultProxy:
     def _fault(self, method: str, path: str) -> str | None:
         with self._lock:
             self.served["requests"] += 1
+            if self.deny is not None and self.deny.search(f"{method} {path}"):
+                self.served["denied"] += 1
+                return "403"
             if method != "GET" or not urlsplit(path).path.endswith(".tar"):
                 return None
             self.served["tar_gets"] += 1
@@ -240,9 +253,10 @@ class FaultProxy:
                 fault = proxy._fault(self.command, self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if fault == "503":
-                    message = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
+                if fault in ("503", "403"):
+                    code, message = ERRORS[fault]
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(message)))
                     self.end_headers()
                     self.wfile.write(message)

@@ -53,7 +53,7 @@ from contrastive.data.decode import broken_shards
 from contrastive.data.pipeline import batches
 from contrastive.data.shards import DataError
 from contrastive.data.storage import configure_storage
-from contrastive.distributed import DistInfo, barrier, init_distributed, same_on_every_rank
+from contrastive.distributed import DistInfo, init_distributed, run_on_main, same_on_every_rank
 from contrastive.engine import Engine, deepspeed_config
 from contrastive.evaluation import Evaluator, eval_sets, format_table
 from contrastive.export import export_checkpoint
@@ -84,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     cfg = as_schema(cfg)
     validate(cfg)
     trainer, data_cfg = typed(cfg.trainer), typed(cfg.data)
-    dist = init_distributed(trainer.device)
+    dist = init_distributed(trainer.device, timeout=trainer.dist_timeout)
     run_dir = same_on_every_rank(run_dir)
     cpus = check_allocation(dist, num_workers=data_cfg.num_workers)
     torch.set_num_threads(compute_threads(trainer.threads, dist, data_cfg.num_workers, cpus))
@@ -130,14 +130,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     evaluator = Evaluator(sets, modalities, typed(cfg.eval), data_cfg, **where) if sets else None
 
     state = TrainState()
-    remote = RemoteCheckpoints(trainer.checkpoint_dir, trainer.keep_last) if trainer.checkpoint_dir else None
+    remote = (
+        RemoteCheckpoints(trainer.checkpoint_dir, trainer.keep_last, timeout=trainer.transfer_timeout)
+        if trainer.checkpoint_dir
+        else None
+    )
     if remote is not None:
         remote.check()
     checkpoint = resolve_resume(cfg.resume, run_dir, remote)
     if checkpoint is not None:
         # the data position first: what cannot be honoured is refused before any weight is read
         state = resumed_state(read_meta(checkpoint), train_set, accumulate=trainer.accumulate)
-        _, mine = load_checkpoint(checkpoint, engine)
+        _, mine = load_checkpoint(checkpoint, engine, timeout=trainer.transfer_timeout)
         if "rng" in mine:
             set_rng_state(mine["rng"])
         else:  # a rank the saving run did not have
@@ -242,6 +246,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             why,
             final,
         )
+        if remote is not None:
+            remote.await_upload()  # a requeued job resumes from the bucket: the checkpoint must be there
         logger.close()
         stop.requeue_if_slurm()
         return {}
@@ -262,10 +268,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             f"{len(broken)} ({', '.join(broken)})" if broken else "none",
             state.skipped_steps,
         )
-        if cfg.export:
-            log.info("exported to %s", export_checkpoint(final, run_dir / "export"))
+    if cfg.export:  # rank 0 gathers the weights (minutes for a big ZeRO-3 model): no collective waits on it
+        exported = run_on_main(
+            lambda: export_checkpoint(final, run_dir / "export"), what="the export", timeout=trainer.transfer_timeout
+        )
+        if dist.is_main:
+            log.info("exported to %s", exported)
+    if dist.is_main:
         log.info("run directory: %s", run_dir)
-    barrier()
     return metrics
 
 
