@@ -132,3 +132,66 @@ def test_too_few_cpus_for_the_loader_workers_is_said_with_what_to_set():
     assert "launcher.cpus_per_task=3" in warning and "data.num_workers=1" in warning
     # as many CPUs as workers (the quickstart's 2 on a 2-CPU machine): nothing to say
     assert not summarize([report(0, cpus=[0, 1])], num_workers=2).warnings
+
+
+# Rank 11 of 2 nodes x 8 GPUs (node 1, local rank 3), as each launcher describes it.
+NODES_2_X_8 = {
+    "deepspeed": {
+        "RANK": "11",
+        "LOCAL_RANK": "3",
+        "WORLD_SIZE": "16",
+        "LOCAL_SIZE": "8",
+        "CROSS_RANK": "1",
+        "CROSS_SIZE": "2",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+    },
+    "torchrun": {
+        "RANK": "11",
+        "LOCAL_RANK": "3",
+        "WORLD_SIZE": "16",
+        "LOCAL_WORLD_SIZE": "8",
+        "GROUP_RANK": "1",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+    },
+    "slurm": {
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NTASKS": "16",
+        "SLURM_NODEID": "1",
+        "SLURM_TASKS_PER_NODE": "8(x2)",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+    },
+    "slurm --gpus-per-task=1": {  # each task sees its own GPU only, numbered 0
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NTASKS": "16",
+        "SLURM_NODEID": "1",
+        "SLURM_TASKS_PER_NODE": "8(x2)",
+        "CUDA_VISIBLE_DEVICES": "3",
+    },
+    "openmpi": {
+        "OMPI_COMM_WORLD_RANK": "11",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+        "OMPI_COMM_WORLD_SIZE": "16",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+    },
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(NODES_2_X_8))
+def test_every_launchers_variables_on_two_nodes_of_eight_gpus(launcher):
+    from contrastive.distributed import launcher_env
+
+    env = NODES_2_X_8[launcher]
+    rank, local_rank, world, per_node = launcher_env(env)
+    assert (rank, local_rank, world, per_node) == (11, 3, 16, 8)
+    visible = env["CUDA_VISIBLE_DEVICES"]
+    device = choose_device(
+        "auto",
+        local_rank=local_rank,
+        local_world_size=per_node,
+        visible_gpus=len(visible.split(",")),
+        visible_env=visible,
+    )
+    assert device == torch.device("cuda", 0 if launcher.endswith("--gpus-per-task=1") else 3)
