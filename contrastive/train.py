@@ -92,20 +92,18 @@ def resumed_state(meta: Mapping[str, Any], dataset: ShardDataset, *, accumulate:
     The rule for the global batch: it is the experiment's, so it is kept. Ranks x data.batch_size x
     trainer.accumulate must equal the checkpoint's (accumulation contrasts its batches as one, so 2
     ranks x 64 become 1 rank x 64 x accumulate 2); another one is refused with the settings that keep
-    it. The data must be the same shards (their names and counts; they may be read from elsewhere)."""
+    it. The data must be the same shards (their names and counts; they may be read from elsewhere),
+    and an interrupted epoch is replayed only with the seed and shuffle buffer it was shuffled with."""
     state = TrainState.from_dict(meta["state"])
     saved, now = meta["data_layout"], dataset.layout()
     mid_epoch = state.position.batch > 0 or bool(state.position.plan)
-    if mid_epoch and meta.get("data_fingerprint", dataset.fingerprint()) != dataset.fingerprint():
-        raise DataError(
-            "resume: data.train is not the data the checkpoint was trained on (other shards, or other "
-            "sample counts), so the interrupted epoch cannot be finished exactly. Resume with the same "
-            "shards (they may be at another place), or start a new run from an export of the checkpoint"
-        )
-    if saved == now:
-        return state
-    saved_accumulate = meta.get("accumulate", meta.get("config", {}).get("trainer", {}).get("accumulate", 1))
+    if mid_epoch:
+        check_replay(meta, dataset)
+    config = meta.get("config", {})
+    saved_accumulate = meta.get("accumulate", config.get("trainer", {}).get("accumulate", 1))
     before, after = global_batch(saved, saved_accumulate), global_batch(now, accumulate)
+    if saved == now and before == after:
+        return state
     if before != after:
         ranks, per_rank = now["world_size"], saved["batch_size"]
         ways = []
@@ -133,6 +131,37 @@ def resumed_state(meta: Mapping[str, Any], dataset: ShardDataset, *, accumulate:
         dataset.epoch_total(state.position.epoch) if state.position.plan else 0,
     )
     return state
+
+
+def replay_settings(seed: int, shuffle_buffer: int) -> dict[str, int]:
+    """What the order of an epoch's samples follows, beside the data and the layout (saved with each
+    checkpoint; a resume mid-epoch needs them unchanged)."""
+    return {"trainer.seed": seed, "data.shuffle_buffer": shuffle_buffer}
+
+
+def check_replay(meta: Mapping[str, Any], dataset: ShardDataset) -> None:
+    """Refuses, naming the setting, a mid-epoch resume that cannot replay the interrupted epoch: other
+    data, or another seed or shuffle buffer (some samples would be trained twice, others never)."""
+    if meta.get("data_fingerprint", dataset.fingerprint()) != dataset.fingerprint():
+        raise DataError(
+            "resume: data.train is not the data the checkpoint was trained on (other shards, or other "
+            "sample counts), so the interrupted epoch cannot be finished exactly. Resume with the same "
+            "shards (they may be at another place), or start a new run from an export of the checkpoint"
+        )
+    config = meta.get("config", {})
+    saved = meta.get("replay") or replay_settings(
+        config.get("trainer", {}).get("seed", dataset.seed),
+        config.get("data", {}).get("shuffle_buffer", dataset.shuffle_buffer),
+    )
+    now = replay_settings(dataset.seed, dataset.shuffle_buffer)
+    for key, value in saved.items():
+        if now[key] != value:
+            raise DataError(
+                f"resume: {key}={now[key]}, but the checkpoint stopped mid-epoch with {key}={value}: the rest of "
+                f"that epoch is replayed from the order {key} made, so another value would train some of its "
+                f"samples twice and others never. Resume with {key}={value}, or start a new run from an "
+                "export of the checkpoint"
+            )
 
 
 def sum_counts(counts: Mapping[str, int]) -> Counter:

@@ -59,3 +59,22 @@ def test_stop_and_resume_sees_exactly_the_same_samples(demo_data, tmp_path, laun
     first_epoch = [k for r in range(ranks) for step in expected[r][:epoch_steps] for k in step]
     assert len(first_epoch) == len(set(first_epoch)) == 160  # every sample once, on one rank
     assert losses(split) == pytest.approx(losses(whole), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changed,named",
+    [
+        ("trainer.seed=1", "trainer.seed=1, but the checkpoint stopped mid-epoch with trainer.seed=0"),
+        (
+            "data.shuffle_buffer=64",
+            "data.shuffle_buffer=64, but the checkpoint stopped mid-epoch with data.shuffle_buffer=32",
+        ),
+        ("trainer.accumulate=2", "this run has 32 (1 x 16 x 2)"),
+    ],
+)
+def test_a_resume_that_cannot_replay_the_epoch_is_refused_naming_the_setting(demo_data, tmp_path, changed, named):
+    run = tmp_path / "run"
+    train("single", demo_data, run, "trainer.max_steps=8", "trainer.stop_at_step=3")  # mid-epoch (10 steps)
+    refused = train("single", demo_data, run, "trainer.max_steps=8", "resume=latest", changed, check=False)
+    assert refused.returncode != 0 and named in refused.stderr, refused.stderr[-2000:]
+    assert not (run / "checkpoints" / "step_00000004").exists()  # refused before any step

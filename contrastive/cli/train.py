@@ -63,7 +63,7 @@ from contrastive.preemption import StopRequest
 from contrastive.progress import Progress
 from contrastive.towers import apply_tower_settings, load_released_weights
 from contrastive.tracking import MetricsLogger, read_metrics
-from contrastive.train import Hooks, TrainState, resumed_state, train_loop
+from contrastive.train import Hooks, TrainState, replay_settings, resumed_state, train_loop
 
 log = logging.getLogger("contrastive")
 
@@ -195,6 +195,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 # written out so a reader sees where every rank and worker stands
                 "data_layout": train_set.layout(),
                 "data_fingerprint": train_set.fingerprint(),
+                "replay": replay_settings(trainer.seed, data_cfg.shuffle_buffer),
                 "accumulate": trainer.accumulate,
                 "data_streams": {r: train_set.stream_position(state.position.batch) for r in range(dist.world_size)},
                 "config": config,
