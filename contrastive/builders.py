@@ -104,9 +104,17 @@ def build_dataset(
     """A rank's loader dataset over `spec` (a directory, or a list of directories or {path, weight}),
     read as `settings` (data.*) say: for training, or (train=False) in order, for evaluation. With
     `check`, the preflight runs first (see contrastive.data.checks)."""
-    sources = load_sources(spec, num_samples=settings.train_num_samples if train else 0)
+    # an evaluation set without sizes.json is counted as it streams, not read before the first step
+    sources = load_sources(spec, num_samples=settings.train_num_samples if train else 0, count=train)
     batch_size = settings.batch_size if train else settings.eval_batch_size
-    if check:
+    uncounted = [s for src in sources for s in src.shards if s.samples is None]
+    if check and uncounted:
+        log.info(
+            "%s: %d of its shards are counted as the evaluation reads them (no sizes.json lists them)",
+            what or "data.eval",
+            len(uncounted),
+        )
+    elif check:
         preflight(
             sources,
             modalities,

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -197,6 +198,7 @@ class FaultProxy:
         self.error_every, self.reset_every = error_every, reset_every
         self.deny = re.compile(deny) if deny else None
         self.served = {"requests": 0, "tar_gets": 0, "errors_503": 0, "resets": 0, "bytes": 0, "denied": 0}
+        self.gets: Counter = Counter()  # the access log: GETs per path
         self._lock = threading.Lock()
         self._next_free = 0.0  # when the capped link is free again
         self._server = _QuietServer(("127.0.0.1", port), self._handler())
@@ -226,6 +228,8 @@ class FaultProxy:
             if self.deny is not None and self.deny.search(f"{method} {path}"):
                 self.served["denied"] += 1
                 return "403"
+            if method == "GET":
+                self.gets[urlsplit(path).path] += 1
             if method != "GET" or not urlsplit(path).path.endswith(".tar"):
                 return None
             self.served["tar_gets"] += 1

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from contrastive.data.settings import DataConfig
+    from contrastive.data.storage import redact
     from contrastive.distributed import init_distributed
     from contrastive.evaluation import DEFAULT_PROMPTS, EvalConfig, Evaluator, format_table
 
@@ -117,12 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     metrics, embedded = evaluator(model, dist.device)
     if dist.is_main:
-        counts = ", ".join(f"{s.name or 'data'} {len(embedded[s.name]['keys'])} samples ({s.shards})" for s in sets)
+        counts = ", ".join(
+            f"{s.name or 'data'} {len(embedded[s.name]['keys'])} samples ({redact(s.shards)})"
+            for s in sets
+            if s.name in embedded
+        )
         print(f"evaluation of {args.model}: {counts}")
         print(format_table(metrics))
+        for name, error in evaluator.failed.items():
+            print(f"FAILED eval set {name}: {error}", file=sys.stderr)
         if args.json:
             args.json.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return 0
+    return 1 if evaluator.failed else 0
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from contrastive.data.checks import check_bad_fraction
 from contrastive.data.decode import broken_shards
 from contrastive.data.pipeline import batches
 from contrastive.data.shards import DataError
-from contrastive.data.storage import configure_storage
+from contrastive.data.storage import configure_storage, redact
 from contrastive.distributed import DistInfo, init_distributed, run_on_main, same_on_every_rank
 from contrastive.engine import Engine, deepspeed_config
 from contrastive.evaluation import Evaluator, eval_sets, format_table
@@ -176,9 +176,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics, embedded = evaluator(objective.model, dist.device)
         out = evaluations[step] = {f"eval/{k}": v for k, v in metrics.items()}
         if dist.is_main:
-            where = ", ".join(f"{s.name or 'data.eval'} ({s.shards})" for s in sets)
-            log.info("evaluation at step %d on %s\n%s", step, where, format_table(metrics))
-            write_plots(run_dir, read_metrics(run_dir) + [{"step": step, **out}], next(iter(embedded.values())))
+            where = ", ".join(f"{s.name or 'data.eval'} ({redact(s.shards)})" for s in sets)
+            failed = "".join(
+                f"\nFAILED eval set {name} (left out): {error}" for name, error in evaluator.failed.items()
+            )
+            log.info("evaluation at step %d on %s\n%s%s", step, where, format_table(metrics), failed)
+            first = next(iter(embedded.values()), None)
+            write_plots(run_dir, read_metrics(run_dir) + [{"step": step, **out}], first)
         return out
 
     def save(state: TrainState) -> Path:

@@ -27,16 +27,30 @@ from contrastive.data import elastic
 from contrastive.data.decode import BatchDecoder
 from contrastive.data.settings import DataConfig
 from contrastive.data.shards import DataError
-from contrastive.data.sources import Source, epoch_order, exact_slots, read_segments, resampled_slots, span
+from contrastive.data.sources import (
+    Source,
+    epoch_order,
+    exact_slots,
+    read_segments,
+    resampled_slots,
+    span,
+    whole_shards,
+)
 from contrastive.data.storage import STORAGE_OPTIONS, configure_storage
 from contrastive.modalities.base import Modality
 from contrastive.preemption import ignore_in_worker
 
 
-def group_slots(slots: Iterator[Any], *, batch_size: int, batches: int) -> Iterator[list[Any]]:
-    """Exactly `batches` groups of `batch_size` slots; None fills what the stream does not."""
-    for _ in range(batches):
-        yield [next(slots, None) for _ in range(batch_size)]
+def group_slots(slots: Iterator[Any], *, batch_size: int, batches: int | None) -> Iterator[list[Any]]:
+    """Exactly `batches` groups of `batch_size` slots, None filling what the stream does not; with
+    `batches=None`, groups until the stream ends (the last one filled up with None)."""
+    made = 0
+    while batches is None or made < batches:
+        group = [next(slots, None) for _ in range(batch_size)]
+        if batches is None and all(slot is None for slot in group):
+            return
+        made += 1
+        yield group
 
 
 @dataclass
@@ -76,11 +90,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         max_member_bytes: int = DataConfig.max_member_mb << 20,
     ):
         self.sources = list(sources)
+        # an evaluation set whose shards are not all counted: each shard read whole by one worker,
+        # counted as it streams; ranks then make different numbers of batches (see embed_dataset)
+        self.streamed = not train and any(s.samples is None for src in self.sources for s in src.shards)
         self.resampled = resampled
         if not resampled and any(s.weight != 1.0 for s in self.sources):
             raise DataError("data: dataset weights mix resampled shards; set data.resampled=true to use them")
         self.total = epoch_samples if resampled and epoch_samples else sum(s.samples for s in self.sources)
-        if self.total == 0:
+        if self.total == 0 and not self.streamed:
             raise DataError("the dataset holds no samples")
         self.modalities = dict(modalities)
         self.batch_size, self.train, self.seed = batch_size, train, seed
@@ -129,6 +146,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
+        if self.streamed:
+            raise TypeError("an evaluation set read whole, counted as it streams, has no length before it is read")
         return self.epoch_length(self.epoch)
 
     def stream_position(self, batch: int) -> dict[int, int]:
@@ -159,6 +178,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def slots(self, stream: int, epoch: int) -> Iterator[dict[str, Any]]:
         worker = self.rank * self.num_workers + stream
+        if self.streamed:
+            return whole_shards(
+                self.sources,
+                worker=worker,
+                workers=self.global_workers,
+                prefetch_bytes=self.prefetch_bytes,
+                max_member=self.max_member_bytes,
+            )
         total = self.epoch_total(epoch)
         lo, hi = span(total, worker, self.global_workers)
         if self.resampled:
@@ -221,7 +248,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
             # shuffle samples in a buffer seeded by (seed, epoch, worker)
             *([wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)] if self.shuffle_buffer else []),
             # fixed-size groups of slots, the same number on every worker
-            lambda slots: group_slots(iter(slots), batch_size=self.batch_size, batches=self.batches_per_worker(epoch)),
+            lambda slots: group_slots(
+                iter(slots),
+                batch_size=self.batch_size,
+                batches=None if self.streamed else self.batches_per_worker(epoch),
+            ),
             # a resumed run skips the groups it already trained on, before any decoding
             lambda groups: (g for i, g in enumerate(groups) if i >= skip),
             # decode, transform and collate into a dict batch with masks and counters

@@ -35,6 +35,7 @@ from contrastive.data.tar import MAX_MEMBER, iter_tar_members
 log = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"
+NSHARDS_FILE = "nshards.txt"  # CLIP_benchmark's WebDataset layout names its shards by number instead
 
 
 class DataError(RuntimeError):
@@ -44,7 +45,7 @@ class DataError(RuntimeError):
 @dataclass(frozen=True)
 class Shard:
     path: str
-    samples: int
+    samples: int | None  # None: not counted (an evaluation set read whole, counted as it streams)
 
     @property
     def name(self) -> str:
@@ -86,13 +87,15 @@ def count_readable(path: str, *, max_member: int = MAX_MEMBER, strict: bool = Fa
     return count, None
 
 
-def list_shards(spec: str | os.PathLike, *, num_samples: int = 0) -> list[Shard]:
+def list_shards(spec: str | os.PathLike, *, num_samples: int = 0, count: bool = True) -> list[Shard]:
     """A dataset -> its shards (see `locate`) with their sample counts.
 
     Counts come from `sizes.json` beside the shards; where it does not list a shard, from
     `num_samples` (`data.train_num_samples`: the total, spread evenly over the shards, as open_clip
     assumes; a shard holding other counts is reported by the loader), or else from the shard's tar
-    headers, read once, with a warning (slow for big datasets: `contrastive-data stats --write-sizes`)."""
+    headers, read once, with a warning (slow for big datasets: `contrastive-data stats --write-sizes`):
+    by rank 0 alone, its counts broadcast to the other ranks. With `count=False` (an evaluation set,
+    which counts as it streams) such shards are left uncounted (None)."""
     spec = str(spec)
     check_no_secrets(spec, "data")
     try:
@@ -123,7 +126,7 @@ def list_shards(spec: str | os.PathLike, *, num_samples: int = 0) -> list[Shard]
         estimate = {
             loc: num_samples // len(unknown) + (i < num_samples % len(unknown)) for i, loc in enumerate(unknown)
         }
-    elif unknown:
+    elif unknown and count:
         log.warning(
             "%s: %s does not list %d of its %d shards: counting their samples (reads them once; write it "
             "with contrastive-data stats --write-sizes, or give data.train_num_samples)",
@@ -132,16 +135,32 @@ def list_shards(spec: str | os.PathLike, *, num_samples: int = 0) -> list[Shard]
             len(unknown),
             len(locations),
         )
+    counted = estimate or (_count_on_main(spec, [loc for loc in locations if loc in unknown]) if count else {})
     shards = []
     for location in locations:
         n = sizes.get(basename(location))
         if not isinstance(n, int) or n < 0:
-            try:
-                n = estimate[location] if location in estimate else count_readable(location)[0]
-            except OSError as e:
-                raise DataError(f"dataset {redact(spec)}: cannot read {redact(location)}: {e}") from None
+            n = counted.get(location)
         shards.append(Shard(location, n))
     return shards
+
+
+def _count_on_main(spec: str, locations: list[str]) -> dict[str, int]:
+    """Each shard's count from its headers, read by rank 0 alone; every rank gets the counts."""
+    from contrastive.distributed import run_on_main, same_on_every_rank
+
+    def count() -> dict[str, int]:
+        counts = {}
+        for location in locations:
+            try:
+                counts[location] = count_readable(location)[0]
+            except OSError as e:
+                raise DataError(f"dataset {redact(spec)}: cannot read {redact(location)}: {e}") from None
+        return counts
+
+    if not locations:
+        return {}
+    return same_on_every_rank(run_on_main(count, what=f"counting the samples of {redact(spec)}"))
 
 
 def locate(spec: str | os.PathLike) -> tuple[list[str], str | None]:
@@ -168,6 +187,12 @@ def locate(spec: str | os.PathLike) -> tuple[list[str], str | None]:
     sizes_at = join(spec, SIZES_FILE)
     if exists(sizes_at):
         return [join(spec, name) for name in sorted(_read_sizes(sizes_at))], sizes_at
+    nshards_at = join(spec, NSHARDS_FILE)
+    if exists(nshards_at):  # CLIP_benchmark's layout: 0.tar ... (n-1).tar
+        n = read_bytes(nshards_at).decode().strip()
+        if not n.isdigit():
+            raise ValueError(f"{redact(nshards_at)} holds {n[:40]!r}, not a number of shards")
+        return [join(spec, f"{i}.tar") for i in range(int(n))], sizes_at
     fs, path = filesystem(spec)
     if not fs.exists(path):
         raise FileNotFoundError(f"{redact(spec)} does not exist")

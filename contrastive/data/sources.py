@@ -35,13 +35,15 @@ class Source:
 
     @property
     def samples(self) -> int:
-        return sum(s.samples for s in self.shards)
+        """The counted samples (a shard left uncounted adds none)."""
+        return sum(s.samples or 0 for s in self.shards)
 
 
-def load_sources(spec: Any, *, num_samples: int = 0) -> list[Source]:
+def load_sources(spec: Any, *, num_samples: int = 0, count: bool = True) -> list[Source]:
     """`location` | [location, ...] | [{path: location, weight: ...}, ...] -> sources with their shards.
     A location is a directory, a URL, a brace list or pipe:COMMAND (see contrastive.data.storage);
-    `num_samples` (data.train_num_samples) stands in for missing sizes.json, spread over the shards."""
+    `num_samples` (data.train_num_samples) stands in for missing sizes.json, spread over the shards;
+    with `count=False`, shards sizes.json does not list are left uncounted (an evaluation set)."""
     items = spec if isinstance(spec, (list, tuple)) else [spec]
     sources = []
     for item in items:
@@ -49,7 +51,7 @@ def load_sources(spec: Any, *, num_samples: int = 0) -> list[Source]:
         if weight <= 0:
             raise DataError(f"data: weight of {path} must be positive, got {weight}")
         share = num_samples if len(items) == 1 else 0
-        sources.append(Source(str(path), tuple(list_shards(path, num_samples=share)), weight))
+        sources.append(Source(str(path), tuple(list_shards(path, num_samples=share, count=count)), weight))
     if not sources:
         raise DataError("data: no dataset given")
     return sources
@@ -76,10 +78,10 @@ def iter_tar_samples(source: Any, *, max_member: int = MAX_MEMBER) -> Iterator[d
 def read_segments(
     segments: Sequence[Segment], *, prefetch_bytes: int = 64 << 20, max_member: int = MAX_MEMBER
 ) -> Iterator[dict[str, Any]]:
-    """Exactly `count` slots per segment: the shard's samples (from `start`, those in `keep` where given),
-    then error slots for any it could not
-    deliver (a truncated or unreadable tar, or fewer samples than sizes.json claims). A segment that
-    ends at its shard's end checks that nothing follows: samples beyond sizes.json's count are
+    """Exactly `count` slots per segment (count None: every sample the shard holds, and one error slot
+    if it breaks): the shard's samples (from `start`, those in `keep` where given), then error slots
+    for any it could not deliver (a truncated or unreadable tar, or fewer samples than sizes.json
+    claims). A segment that ends at its shard's end checks that nothing follows: samples beyond sizes.json's count are
     reported on the segment's last slot (`__extra__`) rather than silently never read. Remote shards
     are streamed, the next ones read ahead (at most `prefetch_bytes`); the retries their reading took
     are reported on the next slot (`__retries__`). No member larger than `max_member` is read: a
@@ -95,13 +97,13 @@ def read_segments(
         return slot
 
     for (shard, start, count, keep), (_, stream) in zip(segments, streams):
-        end = max(keep) + 1 if keep else start + count
+        end = max(keep) + 1 if keep else start + count if count is not None else None
         delivered, reason, extra = 0, None, 0
         last = None
         try:
             with stream:
                 for index, sample in enumerate(iter_tar_samples(stream, max_member=max_member)):
-                    if delivered == count:
+                    if count is not None and delivered == count:
                         if end < shard.samples:
                             break
                         extra += 1  # sizes.json says the shard ends here, yet it goes on
@@ -111,7 +113,7 @@ def read_segments(
                         if last is not None:
                             yield tagged(last)
                         last, delivered = sample, delivered + 1
-            if delivered < count:
+            if count is not None and delivered < count:
                 reason = "short_shard"
                 log.warning("shard %s holds fewer samples than sizes.json says (%d)", shard.name, shard.samples)
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -123,8 +125,15 @@ def read_segments(
             if extra:
                 last["__extra__"] = extra
             yield tagged(last)
-        for _ in range(count - delivered):
+        for _ in range(count - delivered if count is not None else int(reason is not None)):
             yield tagged({"__error__": reason, "__shard__": shard.name})
+
+
+def whole_shards(sources: Sequence[Source], *, worker: int, workers: int, **read: Any) -> Iterator[dict[str, Any]]:
+    """Every sample of every worker-th shard (from this worker's index on), counted as it is read: an
+    evaluation set without sizes.json, each shard read by one worker of one rank, once."""
+    shards = [s for src in sources for s in src.shards]
+    return read_segments([(s, 0, None, None) for s in shards[worker::workers]], **read)
 
 
 def epoch_order(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: bool) -> list[Shard]:

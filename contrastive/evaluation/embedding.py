@@ -1,8 +1,10 @@
 """A set's embeddings, computed once and shared by zero-shot, retrieval and the linear probe.
 
 Each rank embeds its share of the shards; the embeddings are gathered so that every rank holds the
-whole set. Besides one embedding per modality and sample, a sample may hold further inputs of a
-modality (an image's other captions, one a line): those are embedded too, with the row they belong to.
+whole set: batch by batch where the set is counted (every rank makes as many batches), or once at
+the end where it is counted as it streams (a set without sizes.json: ranks make different numbers).
+Besides one embedding per modality and sample, a sample may hold further inputs of a modality (an
+image's other captions, one a line): those are embedded too, with the row they belong to.
 """
 
 from __future__ import annotations
@@ -26,6 +28,37 @@ def gather_objects(items: list[Any]) -> list[Any]:
     parts: list[Any] = [None] * world_size()
     dist.all_gather_object(parts, list(items))
     return [x for part in parts for x in part]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _gather_streamed(names, chunks, masks, extra_emb, extra_rows, keys, labels, groups):
+    """Every rank's rows of a streamed set, concatenated in rank order (further inputs' rows shifted by
+    the rows of the ranks before)."""
+    mine = {
+        "chunks": {n: torch.cat(chunks[n]) if chunks[n] else torch.empty(0) for n in names},
+        "masks": {n: torch.cat(masks[n]) if masks[n] else torch.empty(0, dtype=torch.bool) for n in names},
+        "extra": {n: (torch.cat(extra_emb[n]), torch.cat(extra_rows[n])) for n in names if extra_emb[n]},
+        "keys": keys,
+        "labels": labels,
+        "groups": groups,
+    }
+    out = ({n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}, [], [], [])
+    for part in gather_objects([mine]):
+        before = len(out[4])
+        for n in names:
+            if len(part["keys"]):
+                out[0][n].append(part["chunks"][n])
+                out[1][n].append(part["masks"][n])
+        for n, (embedded, rows) in part["extra"].items():
+            out[2][n].append(embedded)
+            out[3][n].append(rows + before)
+        out[4].extend(part["keys"])
+        out[5].extend(part["labels"])
+        out[6].extend(part["groups"])
+    return out
 
 
 def average_views(
@@ -64,6 +97,7 @@ def embed_dataset(
     labels: list[Any] = []
     groups: list[Any] = []
     rows_before = 0  # rows gathered so far, padding included
+    gather, gather_list = (gather_no_grad, gather_objects) if not dataset.streamed else (_local, list)
     with loader_batches(dataset) as stream:
         for batch in stream:
             with autocast() if autocast else nullcontext():
@@ -76,21 +110,26 @@ def embed_dataset(
                     if n in names:
                         inputs = extra["inputs"].split(max(len(batch["__key__"]), 1))
                         embedded = torch.cat([model.encode(n, x.to(device)).float().cpu() for x in inputs])
-                        mine[n] = (embedded, extra["rows"] + rank() * len(batch["__key__"]))
+                        ranks_before = rank() * len(batch["__key__"]) if not dataset.streamed else 0
+                        mine[n] = (embedded, extra["rows"] + ranks_before)
             for n in names:
-                chunks[n].append(gather_no_grad(emb[n].float()).cpu())
-                masks[n].append(gather_no_grad(batch["mask"][n].to(device)).cpu())
-            for part in gather_objects([mine]):  # further inputs: their number differs by rank
+                chunks[n].append(gather(emb[n].float()).cpu())
+                masks[n].append(gather(batch["mask"][n].to(device)).cpu())
+            for part in gather_list([mine]):  # further inputs: their number differs by rank
                 for n, (embedded, rows) in part.items():
                     extra_emb[n].append(embedded)
                     extra_rows[n].append(rows + rows_before)
-            keys.extend(gather_objects(batch["__key__"]))
-            labels.extend(gather_objects(batch["label"]))
-            groups.extend(gather_objects(batch.get("group") or [None] * len(batch["__key__"])))
-            rows_before += len(batch["__key__"]) * world_size()
+            keys.extend(gather_list(batch["__key__"]))
+            labels.extend(gather_list(batch["label"]))
+            groups.extend(gather_list(batch.get("group") or [None] * len(batch["__key__"])))
+            rows_before += len(batch["__key__"]) * (world_size() if not dataset.streamed else 1)
             if max_samples and sum(bool(k) for k in keys) >= max_samples:
                 break
     model.train(was_training)
+    if dataset.streamed:  # each rank's rows, then one gather, in rank order
+        chunks, masks, extra_emb, extra_rows, keys, labels, groups = _gather_streamed(
+            names, chunks, masks, extra_emb, extra_rows, keys, labels, groups
+        )
     real = torch.tensor([bool(k) for k in keys])
     if max_samples:  # the first max_samples real rows
         real &= real.cumsum(0) <= max_samples

@@ -1,14 +1,22 @@
 """Evaluation sets run and reported: each set is embedded once per evaluation (across ranks), then
-scored by its tasks; the metrics of a named set carry its name (`<set>/zero_shot/...`)."""
+scored by its tasks; the metrics of a named set carry its name (`<set>/zero_shot/...`).
+
+A set that cannot be read or scored (a path gone, a broken task) never ends a training run: its error
+is logged with the set's name and the traceback, its metrics are left out, the other sets are
+reported, and `Evaluator.failed` names it (contrastive-eval exits non-zero on it). A set that cannot
+be opened at the start is tried again at each evaluation."""
 
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from contrastive.data.settings import DataConfig
+from contrastive.data.shards import DataError
+from contrastive.data.storage import redact
 from contrastive.evaluation.embedding import embed_dataset
 from contrastive.evaluation.probe import probe_metrics
 from contrastive.evaluation.retrieval import retrieval_metrics
@@ -62,18 +70,39 @@ class Evaluator:
         rank: int = 0,
         world_size: int = 1,
     ):
+        self.sets, self.settings = list(sets), settings
+        self._build = dict(modalities=modalities, settings=data, seed=seed, rank=rank, world_size=world_size)
+        self.datasets: dict[str, Any] = {}
+        self.probe_datasets: dict[str, Any] = {}
+        self.failed: dict[str, str] = {}  # set -> its error, at the last evaluation (or the start)
+        for s in self.sets:
+            self._guarded(s, lambda s=s: self._open(s))
+
+    def _open(self, s: ResolvedSet) -> None:
         from contrastive.builders import build_dataset
 
-        self.sets, self.settings = list(sets), settings
-        where = dict(seed=seed, rank=rank, world_size=world_size)
-        self.datasets = {
-            s.name: build_dataset(s.shards, modalities, data, train=False, what=s.where, **where) for s in self.sets
-        }
-        self.probe_datasets = {
-            s.name: build_dataset(s.probe_train, modalities, data, train=False, what=f"{s.where}.probe_train", **where)
-            for s in self.sets
-            if "linear_probe" in s.tasks
-        }
+        if s.name not in self.datasets:
+            self.datasets[s.name] = build_dataset(s.shards, train=False, what=s.where, **self._build)
+        if "linear_probe" in s.tasks and s.name not in self.probe_datasets:
+            what = f"{s.where}.probe_train"
+            self.probe_datasets[s.name] = build_dataset(s.probe_train, train=False, what=what, **self._build)
+
+    def _guarded(self, s: ResolvedSet, work: Any) -> Any:
+        """work() for set `s`; an error there is logged with the set's name and traceback, recorded in
+        `failed`, and returns None. Every rank reaches the same verdict (one all-reduce)."""
+        from contrastive.distributed import all_reduce_sum
+
+        result, error = None, None
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - an eval set's failure is reported, never fatal to training
+            error = f"{type(e).__name__}: {e}"
+            log.error("evaluation set %s failed; its metrics are left out:\n%s", s.where, traceback.format_exc())
+        failed_somewhere = float(all_reduce_sum(torch.tensor([float(error is not None)])))
+        if failed_somewhere:
+            self.failed[s.name or "data.eval"] = error or "failed on another rank"
+            return None
+        return result
 
     def __call__(
         self, model: ContrastiveModel, device: torch.device, autocast: Any = None
@@ -81,15 +110,27 @@ class Evaluator:
         """(every set's metrics, named `<set>/...`; every set's embeddings, by set name)."""
         metrics: dict[str, float] = {}
         embedded: dict[str, dict[str, Any]] = {}
+        self.failed = {}
         for eval_set in self.sets:
-            embedded[eval_set.name] = embed_dataset(
-                model, self.datasets[eval_set.name], device=device, max_samples=eval_set.max_samples, autocast=autocast
-            )
-            probe_train = None
-            if eval_set.name in self.probe_datasets:
-                probe_train = embed_dataset(model, self.probe_datasets[eval_set.name], device=device, autocast=autocast)
-            found = set_metrics(model, embedded[eval_set.name], eval_set, self.settings, probe_train)
-            metrics.update({eval_set.key(k): v for k, v in found.items()})
+
+            def evaluate(s: ResolvedSet = eval_set) -> tuple[dict[str, float], dict[str, Any]]:
+                self._open(s)  # a set that could not be opened at the start is tried again
+                found = embed_dataset(
+                    model, self.datasets[s.name], device=device, max_samples=s.max_samples, autocast=autocast
+                )
+                if not found["keys"]:  # every shard broken or gone: no figure would mean anything
+                    raise DataError(
+                        f"{s.where}: no sample of {redact(s.shards)} could be read (the warnings above say why)"
+                    )
+                probe_train = None
+                if s.name in self.probe_datasets:
+                    probe_train = embed_dataset(model, self.probe_datasets[s.name], device=device, autocast=autocast)
+                return set_metrics(model, found, s, self.settings, probe_train), found
+
+            done = self._guarded(eval_set, evaluate)
+            if done is not None:
+                metrics.update({eval_set.key(k): v for k, v in done[0].items()})
+                embedded[eval_set.name] = done[1]
         return metrics, embedded
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from contrastive.data.shards import locate
-from contrastive.data.storage import exists, join, read_bytes
+from contrastive.data.storage import PIPE, exists, join, read_bytes
 from contrastive.evaluation.settings import TASK_ALIASES, TASKS, EvalConfig, EvalSet
 from contrastive.modalities.base import ConfigError
 
@@ -73,27 +73,31 @@ def resolve_set(name: str, settings: EvalSet | Mapping[str, Any], *, where: str 
     if not settings.path:
         raise ConfigError(f"{where}.path: the set's directory is missing")
     root = str(settings.path)
+    # a directory (local or a URL) may hold CLIP_benchmark's layout and its files; a brace list or a
+    # pipe: command names shards only
+    directory = "{" not in root and not root.startswith(PIPE)
     split_dir = join(root, settings.split)
-    benchmark_layout = "{" not in root and _has_shards(split_dir)  # CLIP_benchmark's: <root>/<split>/*.tar
+    benchmark_layout = directory and _has_shards(split_dir)  # CLIP_benchmark's: <root>/<split>/*.tar
     shards = split_dir if benchmark_layout else root
-    classnames_file = settings.classnames or join(root, CLASSNAMES)
-    templates_file = settings.templates or join(root, TEMPLATES)
+    beside = (lambda name: join(root, name)) if directory else (lambda name: None)
+    classnames_file = settings.classnames or beside(CLASSNAMES)
+    templates_file = settings.templates or beside(TEMPLATES)
     for key, file, given in (
         ("classnames", classnames_file, settings.classnames),
         ("templates", templates_file, settings.templates),
     ):
         if given and not exists(file):
             raise ConfigError(f"{where}.{key}: {file} does not exist")
-    classnames = _lines(classnames_file) if exists(classnames_file) else None
-    templates = _lines(templates_file) if exists(templates_file) else None
+    classnames = _lines(classnames_file) if classnames_file and exists(classnames_file) else None
+    templates = _lines(templates_file) if templates_file and exists(templates_file) else None
     probe_train = settings.probe_train
-    train_dir = join(root, "train")
+    train_dir = beside("train")
     if probe_train is None and benchmark_layout and settings.split != "train" and _has_shards(train_dir):
         probe_train = train_dir
     tasks = _tasks(settings.task, where)
     if tasks is None:
-        kind_file = join(root, DATASET_TYPE)
-        kind = read_bytes(kind_file).decode().strip().lower() if exists(kind_file) else ""
+        kind_file = beside(DATASET_TYPE)
+        kind = read_bytes(kind_file).decode().strip().lower() if kind_file and exists(kind_file) else ""
         tasks = ("retrieval",) if kind == "retrieval" else ("zeroshot_classification", "retrieval")
         if settings.probe_train:
             tasks += ("linear_probe",)
