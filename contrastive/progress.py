@@ -87,9 +87,16 @@ class Progress:
         if self.lines:
             pairs = ", ".join(f"{k.removeprefix('loss/')} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
             mfu = f"MFU {figures['mfu']:.1%}" if figures["mfu"] == figures["mfu"] else "MFU -"
+            # what the network and the data cost so far: retried reads, broken shards (their warnings
+            # stop after the first few)
+            data = "".join(
+                f" | {label} {int(metrics[key])}"
+                for key, label in (("data/retries", "retries"), ("data/broken_shards", "broken shards"))
+                if metrics.get(key)
+            )
             log.info(
                 "step %d/%d (%.0f%%) | epoch %d | loss %.3f (%s) | lr %.2e | %.0f samples/s | data wait %.0f%% | "
-                "%s | ETA %s",
+                "%s | ETA %s%s",
                 step,
                 self.total,
                 100 * step / max(self.total, 1),
@@ -101,6 +108,7 @@ class Progress:
                 100 * figures["data_wait_frac"],
                 mfu,
                 format_duration(eta) if eta == eta else "-",
+                data,
             )
         return figures
 

@@ -255,9 +255,9 @@ def train_loop(
                 epoch=state.position.epoch,
                 skipped_steps=state.skipped_steps,
             )
-            metrics.update(progress.report(state.step, metrics))
             metrics.update({f"data/{k}": v for k, v in state.counts.items() if not k.startswith(PER_SHARD)})
             metrics["data/broken_shards"] = len(broken_shards(state.counts))
+            metrics.update(progress.report(state.step, metrics))
             logger.log(state.step, metrics)
         if (
             hooks.evaluate is not None

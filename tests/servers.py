@@ -72,22 +72,26 @@ def _child(args: list[str], url: str, **kwargs) -> Iterator[None]:
 
 
 @contextmanager
-def http_server(root: str | os.PathLike, *, token: str | None = None) -> Iterator[str]:
-    """`root` served over HTTP: yields its base URL. With `token`, a request without the header
-    `Authorization: Bearer <token>` is answered 401 (the token reaches the server by its environment)."""
+def http_server(root: str | os.PathLike, *, token: str | None = None, ranges: bool = False) -> Iterator[str]:
+    """`root` served over HTTP: yields its base URL. Python's own file server, which ignores `Range`;
+    with `ranges`, one that answers `Range: bytes=N-` with 206 from byte N; with `token`, a request
+    without the header `Authorization: Bearer <token>` is answered 401 (the token reaches the server
+    by its environment)."""
     port = free_port()
-    if token is None:
+    if token is None and not ranges:
         args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
         env = None
     else:
         args = [sys.executable, __file__, "http", "--root", str(root), "--port", str(port)]
-        env = {**os.environ, "SERVE_TOKEN": token}
+        args += ["--ranges"] if ranges else []
+        env = {**os.environ, "SERVE_TOKEN": token or ""}
     with _child(args, f"http://127.0.0.1:{port}/", env=env):
         yield f"http://127.0.0.1:{port}"
 
 
-def serve_with_token(root: str, port: int, token: str) -> None:
-    """Python's file server, answering only requests that carry the bearer token."""
+def serve(root: str, port: int, token: str, ranges: bool) -> None:
+    """Python's file server, answering only requests that carry the bearer token (if one is given)
+    and, with `ranges`, a `Range: bytes=N-` request with 206 and the bytes from N on."""
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -97,14 +101,29 @@ def serve_with_token(root: str, port: int, token: str) -> None:
             pass
 
         def _authorized(self) -> bool:
-            if self.headers.get("Authorization") == f"Bearer {token}":
+            if not token or self.headers.get("Authorization") == f"Bearer {token}":
                 return True
             self.send_error(401, "a bearer token is needed")
             return False
 
         def do_GET(self) -> None:
-            if self._authorized():
-                super().do_GET()
+            if not self._authorized():
+                return
+            found = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            path = Path(self.translate_path(self.path))
+            if not ranges or not found or not path.is_file():
+                return super().do_GET()
+            data = path.read_bytes()
+            start = int(found.group(1))
+            if start >= len(data):
+                return self.send_error(416, "range not satisfiable")
+            self.send_response(206)
+            self.send_header("Content-Type", "application/x-tar")
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            self.wfile.write(data[start:])
 
         def do_HEAD(self) -> None:
             if self._authorized():
@@ -286,6 +305,8 @@ class FaultProxy:
                         break
                     if cut is not None and sent + len(data) >= cut:
                         self.wfile.write(data[: cut - sent])
+                        with proxy._lock:
+                            proxy.served["bytes"] += cut - sent
                         self.wfile.flush()
                         # SO_LINGER 0: close with a TCP reset, as a dropped connection reads
                         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -311,7 +332,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description="run the fault proxy (or a token-checking file server) until killed")
     p.add_argument("command", choices=["proxy", "http"])
     p.add_argument("--upstream")
-    p.add_argument("--root", help="http: the folder to serve (the token: $SERVE_TOKEN)")
+    p.add_argument("--root", help="http: the folder to serve (a token to require: $SERVE_TOKEN)")
+    p.add_argument("--ranges", action="store_true", help="http: answer Range requests")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--mbps", type=float, default=0.0, help="megabytes per second, all bodies together")
@@ -319,7 +341,7 @@ def main() -> None:
     p.add_argument("--reset-every", type=int, default=0)
     args = p.parse_args()
     if args.command == "http":
-        serve_with_token(args.root, args.port, os.environ["SERVE_TOKEN"])
+        serve(args.root, args.port, os.environ.get("SERVE_TOKEN", ""), args.ranges)
         return
     proxy = FaultProxy(
         args.upstream,

@@ -9,8 +9,9 @@ option that holds a secret is refused, since the config is saved with every run.
 
 Shards are read as streams, in order, never copied to disk: `ShardStream` survives transient errors
 (a reset connection, a timeout, HTTP 5xx, S3's SlowDown), retrying with exponential backoff and
-reopening the source where it broke (a range read on object stores; a stream or a pipe is restarted
-and its bytes up to there discarded), so that no sample is repeated or lost; each retry is counted.
+reopening the source where it broke (a range read on object stores, and on web servers that take
+`Range`; a server that ignores it, or a pipe, is restarted and its bytes up to there discarded), so
+that no sample is repeated or lost; each retry is counted, and the first few of a shard are logged.
 A missing object, a missing bucket or a refused credential is no transient error: it is raised.
 `prefetched` reads a worker's next shards ahead in a thread, holding at most 2 x `prefetch_bytes`
 (the rest of the shard being parsed, and the next one).
@@ -23,6 +24,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -37,6 +39,7 @@ STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}  # protocol -> fsspec keyword ar
 RETRIES = 6  # attempts after the first failure, backoff doubling from BACKOFF seconds
 BACKOFF = 0.2
 CHUNK = 1 << 20  # bytes per read of a remote stream
+PIECE = 64 << 10  # bytes per read of the source under it (what a broken connection can take with it)
 
 
 class StorageError(OSError):
@@ -148,10 +151,28 @@ def _open_raw(location: str, offset: int):
         return f, offset
     fs, path = _stream_filesystem(location)
     if fs.protocol in ("http", "https") or "http" in fs.protocol:
-        return fs.open(path, "rb", block_size=0), 0  # one GET, streamed (servers need not take ranges)
+        if not offset:
+            return fs.open(path, "rb", block_size=0), 0  # one GET, streamed
+        # where it broke, if the server takes a range; else from the start (the caller skips)
+        headers = {**(fs.kwargs.get("headers") or {}), "Range": f"bytes={offset}-"}
+        f = fs.open(path, "rb", block_size=0, headers=headers)
+        return f, offset if _http_range_start(f) == offset else 0
     f = fs.open(path, "rb", block_size=8 * CHUNK, cache_type="readahead")
     f.seek(offset)
     return f, offset
+
+
+def _http_range_start(f: Any) -> int | None:
+    """Where an fsspec HTTP stream's body starts: the first byte of its 206 answer's Content-Range, or
+    None for a whole answer (a server that ignored Range). fsspec keeps the aiohttp response as `r`."""
+    response = getattr(f, "r", None)
+    if response is None or getattr(response, "status", 200) != 206:
+        return None
+    found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return int(found.group(1)) if found else None
+
+
+WARN_RETRIES = 3  # retries of one shard logged with their reason; later ones are counted only
 
 
 class ShardStream(io.RawIOBase):
@@ -171,6 +192,7 @@ class ShardStream(io.RawIOBase):
         self.on_retry = on_retry or (lambda: None)
         self.offset = 0  # bytes delivered
         self._raw, self._at = None, 0
+        self.retried = 0
         self._attempt(lambda: None)  # opened now: a missing object fails here
 
     def _open(self) -> None:
@@ -199,15 +221,21 @@ class ShardStream(io.RawIOBase):
                 self.on_retry()
                 self._close_raw()
                 delay = self.backoff * 2**attempt * (0.5 + random.random())
-                log.warning(
-                    "%s: %s: %s; retry %d of %d in %.1f s",
-                    redact(self.location),
-                    type(e).__name__,
-                    e,
-                    attempt + 1,
-                    self.retries,
-                    delay,
-                )
+                self.retried += 1
+                if self.retried <= WARN_RETRIES:
+                    log.warning(
+                        "%s: %s: %s; retry %d of %d in %.1f s at byte %d%s",
+                        redact(self.location),
+                        type(e).__name__,
+                        redact(str(e)),
+                        attempt + 1,
+                        self.retries,
+                        delay,
+                        self.offset,
+                        " (further retries of this shard are counted in data/retries, not logged)"
+                        if self.retried == WARN_RETRIES
+                        else "",
+                    )
                 time.sleep(delay)
 
     def _read_some(self, n: int) -> bytes:
@@ -216,7 +244,8 @@ class ShardStream(io.RawIOBase):
             if not skipped:
                 raise ConnectionError("the source ended before the point it broke at")
             self._at += len(skipped)
-        data = self._raw.read(n)
+        # in pieces: a connection that breaks mid-read loses at most the piece in flight, not all of `n`
+        data = self._raw.read(min(n, PIECE))
         self._at += len(data)
         return data
 
