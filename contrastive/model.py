@@ -34,7 +34,9 @@ class ContrastiveModel(nn.Module):
         self.embed_dim = embed_dim
         self.modalities = dict(modalities)
         self.encoders = nn.ModuleDict({name: m.build_encoder(embed_dim) for name, m in self.modalities.items()})
+        from contrastive.pretrained import release
 
+        release()  # the open_clip model the image and the text tower were taken from
     @classmethod
     def from_config(cls, modality_configs: Mapping[str, Mapping[str, Any]], embed_dim: int) -> "ContrastiveModel":
         return cls({name: build_modality(name, **dict(kw)) for name, kw in modality_configs.items()}, embed_dim)

@@ -14,6 +14,11 @@ works offline, `HF_HUB_OFFLINE=1`, when the file is cached; one clear error name
 cache directory otherwise), or a local file. The weights load through open_clip's own
 `load_checkpoint` (its key conversions, positional-embedding resizing) into a whole model, from which
 each tower takes its part.
+
+The image and the text tower of one open_clip model come from one model built once and one load of
+its weights (`build_model`, `pretrained_state` keep the last of each until `release()`, which the
+model calls once its towers are built and the weights are in them): at ViT-bigG on 8 ranks a node,
+building or loading it twice would double the host memory.
 """
 
 from __future__ import annotations
@@ -93,16 +98,33 @@ def _quiet_factory():
 
 
 def build_model(name: str, *, quick_gelu: bool, embed_dim: int | None = None) -> torch.nn.Module:
-    """The whole open_clip model of `name`, randomly initialised, its text tower a module (`.text`)."""
+    """The whole open_clip model of `name`, randomly initialised, its text tower a module (`.text`);
+    the same object for the towers of one model (until `release()`)."""
+    # where tensors are made now: the meta device when FLOPs are counted (contrastive.flops)
+    return _built(name, quick_gelu, embed_dim, str(torch.empty(0).device))
+
+
+@functools.lru_cache(maxsize=1)
+def _built(name: str, quick_gelu: bool, embed_dim: int | None, device: str) -> torch.nn.Module:
     import open_clip
 
     kwargs = {} if embed_dim is None else {"embed_dim": embed_dim}
-    # where tensors are made now: the meta device when FLOPs are counted (contrastive.flops)
-    kwargs["device"] = torch.empty(0).device
     with _quiet_factory():
         return open_clip.create_model(
-            name, pretrained=None, load_weights=False, force_custom_text=True, force_quick_gelu=quick_gelu, **kwargs
+            name,
+            pretrained=None,
+            load_weights=False,
+            force_custom_text=True,
+            force_quick_gelu=quick_gelu,
+            device=device,
+            **kwargs,
         )
+
+
+def release() -> None:
+    """Forgets the model and the weights kept for the towers of one model to share."""
+    _built.cache_clear()
+    _loaded.cache_clear()
 
 
 def cache_directory() -> str:
@@ -154,17 +176,21 @@ def resolve_weights(name: str, pretrained: str, *, where: str) -> str:
     )
 
 
-@functools.lru_cache(maxsize=2)
 def pretrained_state(name: str, pretrained: str, quick_gelu: bool, where: str) -> dict[str, torch.Tensor]:
-    """The whole model's weights (`visual.*`, `text.*`, ...) after open_clip's load_checkpoint; kept for
-    the image and the text tower to share one load."""
+    """The whole model's weights (`visual.*`, `text.*`, ...) after open_clip's load_checkpoint, loaded
+    once for every tower of the model (until `release()`); `where` names the setting in errors."""
+    path = resolve_weights(name, pretrained, where=where)
+    return _loaded(name, path, pretrained, quick_gelu)
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(name: str, path: str, pretrained: str, quick_gelu: bool) -> dict[str, torch.Tensor]:
     import open_clip
 
-    path = resolve_weights(name, pretrained, where=where)
-    model = build_model(name, quick_gelu=quick_gelu)
+    model = _built.__wrapped__(name, quick_gelu, None, "cpu")  # a model of its own, dropped after the load
     open_clip.load_checkpoint(model, path, strict=True)
     log.info("loaded %s weights %s from %s", name, pretrained, path)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def tower_weights(name: str, pretrained: str, prefix: str, *, quick_gelu: bool, where: str) -> dict[str, torch.Tensor]:

@@ -108,9 +108,9 @@ def load_released_weights(model: Any) -> None:
         state = modality.pretrained_weights()
         if state is not None:
             load_tower(f"modality.{name}.pretrained", name, model.encoders[name], state, modality.pretrained)
-    from contrastive.pretrained import pretrained_state
+    from contrastive.pretrained import release
 
-    pretrained_state.cache_clear()  # the towers hold the weights now
+    release()  # the towers hold the weights now
 
 
 def _blocks(encoder: nn.Module) -> nn.Module | None:

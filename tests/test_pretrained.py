@@ -217,3 +217,29 @@ def test_an_audio_tower_starts_from_an_ast_checkpoint(tmp_path):
     assert torch.equal(state["blocks.0.mlp.fc1.weight"], ast["module.v.blocks.0.mlp.fc1.weight"])
     assert torch.equal(state["pos_embed"][0, 0], ast["module.v.pos_embed"][0, 0])  # the class token's, not dist's
     assert torch.equal(state["head.weight"], head_before)  # a fresh head into the shared space
+
+
+def test_the_towers_of_one_model_build_it_once_and_load_its_weights_once(registered, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-vit", pretrained=None).state_dict(), tmp_path / "weights.pt")
+    calls = {"create_model": 0, "load_checkpoint": 0}
+    for name in calls:
+        real = getattr(open_clip, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(open_clip, name, counted)
+    modalities = {
+        m: build_modality(m, open_clip="tiny-vit", pretrained=str(tmp_path / "weights.pt")) for m in ("image", "text")
+    }
+    model = ContrastiveModel(modalities, 32)
+    load_released_weights(model)
+    # one model the two towers are taken from, one the weights are loaded into, one load
+    assert calls == {"create_model": 2, "load_checkpoint": 1}
+    saved = torch.load(tmp_path / "weights.pt")
+    assert torch.equal(model.encoders["image"].conv1.weight, saved["visual.conv1.weight"])
+    assert torch.equal(model.encoders["text"].token_embedding.weight, saved["token_embedding.weight"])
+    other = ContrastiveModel({m: build_modality(m, open_clip="tiny-vit") for m in ("image", "text")}, 32)
+    assert not any(p is q for p in other.parameters() for q in model.parameters())  # a new model builds anew
