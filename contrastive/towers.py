@@ -113,9 +113,9 @@ def load_released_weights(model: Any) -> None:
     release()  # the towers hold the weights now
 
 
-def _blocks(encoder: nn.Module) -> nn.Module | None:
-    """The tower's stack of transformer blocks: among lists of two or more modules of one class,
-    the one holding the most parameters (a block's own small Sequential, e.g. an MLP, loses)."""
+def _stack(encoder: nn.Module) -> nn.Module | None:
+    """The tower's biggest stack of blocks: among lists of two or more modules of one class, the one
+    holding the most parameters (a block's own small Sequential, e.g. an MLP, loses)."""
     stacks = [
         m
         for m in encoder.modules()
@@ -124,19 +124,56 @@ def _blocks(encoder: nn.Module) -> nn.Module | None:
     return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
-def _after_blocks(encoder: nn.Module, blocks: nn.Module) -> list[nn.Parameter]:
-    """Parameters that act after the blocks: those of modules registered after the block stack
-    (final norm, pooling, head) and the tower's own projection tensors (open_clip's `proj`,
+def _blocks(encoder: nn.Module) -> list[nn.Module] | None:
+    """The tower's blocks in order: every module of the biggest stack's block class, in all its stages
+    (a ViT's one list of blocks; a ResNet's bottlenecks across layer1..layer4)."""
+    stack = _stack(encoder)
+    if stack is None:
+        return None
+    kind = type(next(iter(stack)))
+    return [m for m in encoder.modules() if type(m) is kind]
+
+
+def _after_blocks(encoder: nn.Module, blocks: list[nn.Module]) -> list[nn.Parameter]:
+    """Parameters that act after the blocks: those of modules registered after the last block (final
+    norm, pooling, head) and the tower's own projection tensors (open_clip's `proj`,
     `text_projection`)."""
-    inside = {id(m) for m in blocks.modules()}
-    seen_blocks, after = False, []
+    inside = {id(m) for block in blocks for m in block.modules()}
+    last = {id(m) for m in blocks[-1].modules()}
+    seen_last, after = False, []
     for module in encoder.modules():
-        if id(module) in inside:
-            seen_blocks = True
-        elif seen_blocks and not any(id(m) in inside for m in module.modules()):
+        if id(module) in last:
+            seen_last = True
+        elif seen_last and not any(id(m) in inside for m in module.modules()):
             after.extend(module.parameters(recurse=False))
     after.extend(p for name, p in encoder.named_parameters(recurse=False) if "proj" in name or "head" in name)
     return after
+
+
+def layers(encoder: nn.Module) -> tuple[dict[int, int], int] | None:
+    """(id(parameter) -> its layer, the top layer): 0 for what comes before the blocks (embeddings, a
+    stem), 1..L for the blocks, L + 1 = top for what comes after them (final norm, pooling,
+    projection); None for a tower without blocks. A timm trunk (open_clip's ConvNeXt, a ResNet by
+    timm's name...) is grouped by timm's own `group_matcher`, as timm's layer decay groups it: its
+    stem 0, its stages' blocks, its head last; the projection open_clip adds after it is top."""
+    trunk = getattr(encoder, "trunk", None)
+    if trunk is not None and hasattr(trunk, "group_matcher"):
+        from timm.models import group_parameters
+
+        layer_map = group_parameters(trunk, trunk.group_matcher(coarse=False), reverse=True)
+        top = max(layer_map.values())
+        named = dict(trunk.named_parameters())
+        depth = {id(p): top for p in encoder.parameters()}
+        depth.update({id(named[name]): layer for name, layer in layer_map.items() if name in named})
+        return depth, top
+    blocks = _blocks(encoder)
+    if blocks is None:
+        return None
+    depth = {id(p): 0 for p in encoder.parameters()}
+    for i, block in enumerate(blocks):
+        depth.update({id(p): i + 1 for p in block.parameters()})
+    depth.update({id(p): len(blocks) + 1 for p in _after_blocks(encoder, blocks)})
+    return depth, len(blocks) + 1
 
 
 def freeze_tower(name: str, encoder: nn.Module, unlocked_blocks: int = 0) -> int:
@@ -146,14 +183,13 @@ def freeze_tower(name: str, encoder: nn.Module, unlocked_blocks: int = 0) -> int
     for p in params:
         p.requires_grad = False
     if unlocked_blocks > 0:
-        blocks = _blocks(encoder)
-        if blocks is None:
+        found = layers(encoder)
+        if found is None:
             raise ConfigError(f"model.towers.{name}.unlocked_blocks: the {name} tower has no block list")
-        unlocked_blocks = min(unlocked_blocks, len(blocks))
-        for p in [p for block in list(blocks)[-unlocked_blocks:] for p in block.parameters()] + _after_blocks(
-            encoder, blocks
-        ):
-            p.requires_grad = True
+        depth, top = found
+        unlocked_blocks = min(unlocked_blocks, top - 1)
+        for p in params:
+            p.requires_grad = depth[id(p)] >= top - unlocked_blocks
     trainable = sum(p.requires_grad for p in params)
     log.info(
         "%s tower frozen%s: %d of %d tensors train",
@@ -202,7 +238,7 @@ def tower_settings(name: str, fields: TowerSettings | Mapping[str, Any]) -> Towe
 
 
 def _block_stack(encoder: nn.Module) -> tuple[str, nn.Module] | None:
-    blocks = _blocks(encoder)
+    blocks = _stack(encoder)
     return None if blocks is None else next((n, m) for n, m in encoder.named_modules() if m is blocks)
 
 
@@ -255,15 +291,12 @@ def layer_scales(model: Any, settings: Mapping[str, TowerSettings | Mapping[str,
         if tower.lr_scale == 1.0 and tower.layer_decay == 1.0:
             continue
         encoder = model.encoders[name]
-        depth = {id(p): 0 for p in encoder.parameters()}
-        blocks = _blocks(encoder)
+        depth, top = {id(p): 0 for p in encoder.parameters()}, 0
         if tower.layer_decay != 1.0:
-            if blocks is None:
+            found = layers(encoder)
+            if found is None:
                 raise ConfigError(f"model.towers.{name}.layer_decay: the {name} tower has no block list")
-            for i, block in enumerate(blocks):
-                depth.update({id(p): i + 1 for p in block.parameters()})
-            depth.update({id(p): len(blocks) + 1 for p in _after_blocks(encoder, blocks)})
-        top = len(blocks) + 1 if blocks is not None else 0
+            depth, top = found
         for p in encoder.parameters():
             out[id(p)] = (name, tower.lr_scale * tower.layer_decay ** (top - depth[id(p)]))
     return out

@@ -102,3 +102,51 @@ def test_tower_settings_give_the_same_gradients(setting):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
     if "compile" in setting:
         assert all(obj.model.encoders[m]._compiled_call_impl is not None for m in TINY)
+
+
+TINY_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+TIMM_TOWERS = {  # open_clip configs of towers timm builds, as a user registers them
+    "tiny-resnet": {"timm_model_name": "resnet18", "timm_pool": "avg", "timm_proj": "linear", "image_size": 32},
+    "tiny-convnext": {"timm_model_name": "convnext_atto", "timm_pool": "avg", "timm_proj": "linear", "image_size": 32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_TOWERS))
+def test_layer_decay_of_a_timm_tower_groups_its_layers_as_timm_does(tmp_path, name):
+    import json
+
+    from timm.optim import param_groups_layer_decay
+
+    from contrastive.builders import build_objective
+    from contrastive.modalities import build_modality
+    from contrastive.towers import layer_scales
+
+    cfg = {"embed_dim": 16, "vision_cfg": {**TIMM_TOWERS[name], "timm_model_pretrained": False}, "text_cfg": TINY_TEXT}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    image = build_modality("image", open_clip=name)
+    obj = build_objective({"image": image, "text": build_modality("text", open_clip=name)}, embed_dim=16)
+    ours = layer_scales(obj.model, {"image": {"layer_decay": 0.7, "lr_scale": 0.5}})
+    trunk = obj.model.encoders["image"].trunk
+    theirs = {id(p): g["lr_scale"] for g in param_groups_layer_decay(trunk, layer_decay=0.7) for p in g["params"]}
+    assert len(theirs) == sum(1 for _ in trunk.parameters()) and len(set(theirs.values())) > 4
+    for p in trunk.parameters():
+        assert ours[id(p)] == ("image", pytest.approx(0.5 * theirs[id(p)])), [
+            n for n, q in trunk.named_parameters() if q is p
+        ]
+    head = [p for n, p in obj.model.encoders["image"].named_parameters() if n.startswith("head.")]
+    assert head and all(ours[id(p)] == ("image", 0.5) for p in head)  # the projection after the trunk: the top
+
+
+def test_a_modified_resnet_decays_by_bottleneck_across_its_stages():
+    """open_clip's own ResNet (RN50's kind): every bottleneck of layer1..layer4 is a layer of its own."""
+    from open_clip.modified_resnet import Bottleneck, ModifiedResNet
+
+    from contrastive.towers import layers
+
+    tower = ModifiedResNet(layers=[1, 2, 2, 1], output_dim=16, heads=2, image_size=64, width=8)
+    depth, top = layers(tower)
+    bottlenecks = [m for m in tower.modules() if isinstance(m, Bottleneck)]
+    assert top == len(bottlenecks) + 1 == 7
+    assert [depth[id(next(b.parameters()))] for b in bottlenecks] == [1, 2, 3, 4, 5, 6]
+    assert depth[id(tower.conv1.weight)] == 0 and depth[id(tower.attnpool.c_proj.weight)] == top
