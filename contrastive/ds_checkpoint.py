@@ -46,6 +46,7 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torc
         for p in (ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt")
         if p.exists()
     )
+    # DeepSpeed's own file (its config, the module's layout): our run wrote it, as DeepSpeed reads it
     model_states = torch.load(states, map_location="cpu", weights_only=False)
     stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage >= 1 and any(ckpt.glob("*optim_states.pt")):

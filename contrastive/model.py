@@ -37,6 +37,7 @@ class ContrastiveModel(nn.Module):
         from contrastive.pretrained import release
 
         release()  # the open_clip model the image and the text tower were taken from
+
     @classmethod
     def from_config(cls, modality_configs: Mapping[str, Mapping[str, Any]], embed_dim: int) -> "ContrastiveModel":
         return cls({name: build_modality(name, **dict(kw)) for name, kw in modality_configs.items()}, embed_dim)

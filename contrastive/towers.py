@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -20,11 +21,19 @@ log = logging.getLogger("contrastive")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A third party's weights file: safetensors, or a torch file read with weights_only (tensors and
+    plain containers only: a pickle that could run code is refused, named)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(
+            f"{path} holds more than tensors (pickled objects, which could run code when loaded), so it is not "
+            f"read. Save its state dict alone (torch.save(model.state_dict(), ...)) or as safetensors. ({e})"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
