@@ -4,6 +4,8 @@ with 2 gloo ranks under torchrun (2 workers each). The runs cross an epoch bound
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from conftest import BIN, read_jsonl, run_cli, tiny_overrides
@@ -61,6 +63,14 @@ def test_stop_and_resume_sees_exactly_the_same_samples(demo_data, tmp_path, laun
     assert losses(split) == pytest.approx(losses(whole), abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(demo_data, tmp_path_factory):
+    """(the demo set, a run stopped at step 3 of an epoch of 10)."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    train("single", demo_data, run, "trainer.max_steps=8", "trainer.stop_at_step=3")
+    return demo_data, run
+
+
 @pytest.mark.parametrize(
     "changed,named",
     [
@@ -72,9 +82,11 @@ def test_stop_and_resume_sees_exactly_the_same_samples(demo_data, tmp_path, laun
         ("trainer.accumulate=2", "this run has 32 (1 x 16 x 2)"),
     ],
 )
-def test_a_resume_that_cannot_replay_the_epoch_is_refused_naming_the_setting(demo_data, tmp_path, changed, named):
-    run = tmp_path / "run"
-    train("single", demo_data, run, "trainer.max_steps=8", "trainer.stop_at_step=3")  # mid-epoch (10 steps)
+def test_a_resume_that_cannot_replay_the_epoch_is_refused_naming_the_setting(
+    stopped_mid_epoch, tmp_path, changed, named
+):
+    demo_data, run = stopped_mid_epoch[0], tmp_path / "run"
+    shutil.copytree(stopped_mid_epoch[1], run)
     refused = train("single", demo_data, run, "trainer.max_steps=8", "resume=latest", changed, check=False)
     assert refused.returncode != 0 and named in refused.stderr, refused.stderr[-2000:]
     assert not (run / "checkpoints" / "step_00000004").exists()  # refused before any step
