@@ -3,7 +3,7 @@
 Each part of the config is the settings dataclass of the object it configures, defined beside that
 object (`TrainerConfig` in train.py, `DataConfig` in data/settings.py, a loss's settings in its own
 file, a modality's fields in its class...). Those dataclasses hold every default; the YAML files in
-`contrastive/configs/` hold only what differs from them. `configs/train.yaml` lists `train_schema`
+`configs/` hold only what differs from them. `configs/train.yaml` lists `train_schema`
 first in its defaults, so every YAML file and every command-line override is checked against these
 types: a misspelt key fails at composition with its full name. Registered modalities and losses are
 config group options (`modality/image`, `loss=siglip`): their dataclasses are their configs.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -22,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from contrastive import layout
 from contrastive.credentials import find_secrets, redact, secret_message
 from contrastive.data.settings import DataConfig
 from contrastive.engine import EngineConfig
@@ -34,8 +34,8 @@ from contrastive.optim import OptimConfig
 from contrastive.tracking import LoggerConfig
 from contrastive.train import TrainerConfig
 
-# The shipped YAML configs: package data, found wherever the package is installed.
-CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+# The shipped YAML configs: configs/ in a checkout, package data in a wheel (contrastive.layout).
+CONFIG_DIR = str(layout.CONFIG_DIR)
 
 
 @dataclass

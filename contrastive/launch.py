@@ -2,8 +2,8 @@
 script they render.
 
 `contrastive-submit` composes the training config, resolves the allocation (`resolve_allocation`:
-one rank per GPU, CPUs for every rank's loader workers), renders `templates/train.sbatch` (package
-data) and submits it; `contrastive-train` itself runs wherever it is started.
+one rank per GPU, CPUs for every rank's loader workers), renders `slurm/train.sbatch` (package data
+in a wheel, see contrastive.layout) and submits it; `contrastive-train` itself runs wherever it is started.
 
 Ranks follow GPUs: each rank trains on one GPU, so a node asking for 8 GPUs runs 8 tasks unless
 told otherwise, and a task count that would leave GPUs idle (or make two ranks share one, which
@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from contrastive.layout import SLURM_DIR
 from contrastive.modalities.base import ConfigError
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "train.sbatch"
+TEMPLATE = SLURM_DIR / "train.sbatch"
 
 # sbatch options that launcher keys own: given through launcher.sbatch they would contradict the keys
 OWNED_OPTIONS = {

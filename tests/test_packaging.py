@@ -56,6 +56,21 @@ def test_the_wheel_trains_the_demo_from_an_unrelated_directory(wheel_venv, demo_
         [str(wheel_venv / "bin" / "python"), "-c", "import contrastive; print(contrastive.__file__)"], cwd=tmp_path
     ).stdout
     assert where.startswith(str(wheel_venv)) and "site-packages" in where  # not the checkout, not editable
+    # the checkout's top-level configs/, data_tools/ and slurm/ travel inside the package
+    found = run(
+        [
+            str(wheel_venv / "bin" / "python"),
+            "-c",
+            "from contrastive import layout; import contrastive.data_tools as d;"
+            " print(layout.CONFIG_DIR, layout.SLURM_DIR, d.__file__)",
+        ],
+        cwd=tmp_path,
+    ).stdout.split()
+    package = Path(where.strip()).parent
+    assert found == [str(package / "configs"), str(package / "slurm"), str(package / "data_tools" / "__init__.py")]
+    assert (package / "configs" / "experiment" / "demo.yaml").is_file() and (
+        package / "slurm" / "train.sbatch"
+    ).is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run(
@@ -100,3 +115,17 @@ def test_a_user_config_directory_joins_through_the_search_path(tmp_path):
         cwd=tmp_path,
     ).stdout
     assert "#SBATCH --nodes=1" in script
+
+
+def test_a_checkout_keeps_the_plans_layout():
+    from contrastive import layout
+
+    top = {p.name for p in REPO.iterdir() if not p.name.startswith(".")} - {
+        "contrastive.egg-info",
+        "runs",
+        "data",
+        "outputs",
+    }
+    assert top >= {"contrastive", "configs", "scripts", "data_tools", "tests", "slurm", "pyproject.toml", "README.md"}
+    assert layout.CONFIG_DIR == REPO / "configs" and layout.SLURM_DIR == REPO / "slurm"  # an editable install
+    assert (REPO / "slurm" / "train.sbatch").is_file() and (REPO / "slurm" / "local_cluster.sh").is_file()
