@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from contrastive.distributed import barrier, rank, run_on_main, same_on_every_rank
+from contrastive.ds_checkpoint import load_engine, save_engine
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class RemoteCheckpoints:
         self._upload: threading.Thread | None = None
         self._upload_error: list[BaseException] = []
 
-    def _fs(self):
+    def filesystem(self):
         from contrastive.data.storage import filesystem
 
         return filesystem(self.url)
@@ -102,10 +103,10 @@ class RemoteCheckpoints:
         """Collective: rank 0 writes and deletes a probe object, so that a wrong bucket, path or
         credential stops every rank before the first step rather than at the first checkpoint."""
         run_on_main(
-            self._probe, what=f"trainer.checkpoint_dir: the write probe of {self._shown()}", timeout=self.timeout
+            self._probe, what=f"trainer.checkpoint_dir: the write probe of {self.shown()}", timeout=self.timeout
         )
 
-    def _shown(self) -> str:
+    def shown(self) -> str:
         from contrastive.data.storage import redact
 
         return redact(self.url)
@@ -113,7 +114,7 @@ class RemoteCheckpoints:
     def _probe(self) -> None:
         from contrastive.data.storage import StorageError, redact
 
-        fs, root = self._fs()
+        fs, root = self.filesystem()
         probe = f"{root}/.write-probe-{os.getpid()}"
         try:
             fs.pipe_file(probe, b"")
@@ -146,13 +147,13 @@ class RemoteCheckpoints:
 
     def await_upload(self, what: str = "the upload of the last checkpoint") -> None:
         """Collective: every rank waits (heartbeating) until rank 0's background upload has finished."""
-        run_on_main(self.wait, what=f"{what} to {self._shown()}", timeout=self.timeout)
+        run_on_main(self.wait, what=f"{what} to {self.shown()}", timeout=self.timeout)
 
     def upload(self, checkpoint: Path) -> None:
         """Every file of a complete checkpoint, its marker last, then `latest`; older tags pruned."""
         from contrastive.data.storage import redact
 
-        fs, root = self._fs()
+        fs, root = self.filesystem()
         files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MARKER)
         for path in [*files, checkpoint / MARKER]:
             fs.put_file(str(path), f"{root}/{checkpoint.name}/{path.relative_to(checkpoint)}")
@@ -166,17 +167,17 @@ class RemoteCheckpoints:
                 fs.rm(f"{root}/{old}", recursive=True)
 
     def latest_tag(self) -> str | None:
-        fs, root = self._fs()
+        fs, root = self.filesystem()
         if not fs.exists(f"{root}/{LATEST}"):
             return None
         tag = fs.cat_file(f"{root}/{LATEST}").decode(errors="replace").strip()
-        return checked_tag(tag, f"{self._shown()}/{LATEST}") if tag else None
+        return checked_tag(tag, f"{self.shown()}/{LATEST}") if tag else None
 
     def fetch(self, tag: str, run_dir: str | os.PathLike) -> Path:
         """Downloads `<url>/<tag>` into the run's checkpoints (through .partial, renamed when complete)."""
         from contrastive.data.storage import redact
 
-        fs, root = self._fs()
+        fs, root = self.filesystem()
         local = checkpoint_root(run_dir)
         staging = local / PARTIAL / tag
         shutil.rmtree(staging, ignore_errors=True)
@@ -217,7 +218,7 @@ def save_checkpoint(
         (partial / tag).mkdir(parents=True)
 
     run_on_main(prepare, what=f"preparing checkpoint {tag}")
-    engine.save(partial, tag, client_state={})
+    save_engine(engine, partial, tag, client_state={})
     torch.save(rank_state, partial / tag / f"rank{rank():05d}.pt")
     barrier()
     final = root / tag
@@ -267,7 +268,7 @@ def resolve_resume(
             if tag is not None:
                 run_on_main(
                     lambda: remote.fetch(tag, run_dir),
-                    what=f"fetching checkpoint {tag} from {remote._shown()}",
+                    what=f"fetching checkpoint {tag} from {remote.shown()}",
                     timeout=remote.timeout,
                 )
             found = latest_checkpoint(run_dir)
@@ -300,7 +301,7 @@ def record_metrics(path: str | os.PathLike, metrics: dict[str, float], remote: R
         _write_atomic(marker, json.dumps({**read_meta(path), "metrics": dict(metrics)}, indent=1, default=str) + "\n")
         if remote is not None:
             remote.wait()
-            fs, root = remote._fs()
+            fs, root = remote.filesystem()
             fs.put_file(str(marker), f"{root}/{Path(path).name}/{MARKER}")
 
     what = f"recording the final metrics in {Path(path).name}" + (" and finishing its upload" if remote else "")
@@ -311,7 +312,8 @@ def load_checkpoint(path: Path, engine: Any, *, timeout: float = 0.0) -> tuple[d
     """Restores the engine (weights, optimizer, schedule) from `path`, saved by this number of ranks or
     another; returns (meta, this rank's state: empty for a rank the saving run did not have)."""
     meta = read_meta(path)
-    engine.load(path.parent, path.name, saved_world_size=meta.get("data_layout", {}).get("world_size"), timeout=timeout)
+    saved_world_size = meta.get("data_layout", {}).get("world_size")
+    load_engine(engine, path.parent, path.name, saved_world_size=saved_world_size, timeout=timeout)
     mine = path / f"rank{rank():05d}.pt"
     # RNG states: numpy's is a tuple holding an ndarray, which weights_only refuses; the file is ours
     rank_state = torch.load(mine, map_location="cpu", weights_only=False) if mine.exists() else {}

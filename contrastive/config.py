@@ -74,8 +74,8 @@ def validate(cfg: Any) -> None:
                     f"({kind.__name__}) takes {sorted(known)}"
                 )
         for key in node.keys():
-            if key != "hydra":
-                walk(node._get_node(key), f"{path}{key}.")
+            if key != "hydra" and not OmegaConf.is_interpolation(node, key):
+                walk(node[key], f"{path}{key}.")
 
     walk(cfg, "")
 

@@ -1,19 +1,99 @@
-"""DeepSpeed's checkpoint files read or rewritten outside an engine: the whole fp32 state dict of a
-checkpoint of any ZeRO stage (for exports), and the universal checkpoint that lets a run saved on N
-ranks resume on M (`Engine.load`)."""
+"""DeepSpeed's checkpoint files: an engine's state saved and loaded (`save_engine`, `load_engine`: on
+another number of ranks through DeepSpeed's universal checkpoint), what a resume is checked by
+(`optimizer_moments`), and, outside an engine, the whole fp32 state dict of a checkpoint of any ZeRO
+stage (for exports)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from contrastive.distributed import barrier, rank, run_on_main, world_size
+
 log = logging.getLogger("contrastive")
+
+
+def save_engine(engine: Any, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+    """Collective: the engine's weights, optimizer states (partitions under ZeRO) and schedule in
+    `directory/tag`, with what ds_to_universal needs to re-partition them for another number of ranks."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.engine.save_checkpoint(str(directory), tag=tag, client_state={**info, **client_state}, save_latest=False)
+
+
+def needs_universal(checkpoint: Path | None, saved_world_size: int | None) -> bool:
+    """Whether resuming `checkpoint` here goes through a universal checkpoint: partitioned optimizer
+    states (ZeRO 1-3, bf16) saved by another number of ranks. The engine must then be built with
+    DeepSpeed's `checkpoint.load_universal` (contrastive.engine.deepspeed_config(load_universal=True))."""
+    if checkpoint is None or saved_world_size in (None, world_size()):
+        return False
+    return any(Path(checkpoint).glob("*zero_pp_rank_*optim_states.pt"))
+
+
+def load_engine(
+    engine: Any, directory: Path, tag: str, *, saved_world_size: int | None = None, timeout: float = 0.0
+) -> dict[str, Any]:
+    """Collective: weights, optimizer states and schedule from checkpoint `directory/tag`. One saved by
+    another number of ranks with partitioned optimizer states goes through DeepSpeed's universal
+    checkpoint: rank 0 converts it (ds_to_universal: every parameter's fp32 weights and optimizer
+    moments, whole; within `timeout` seconds, while the others heartbeat) and every rank loads its
+    new partition from that."""
+    checkpoint = Path(directory) / tag
+    universal = needs_universal(checkpoint, saved_world_size)
+    if universal != engine.engine.load_universal_checkpoint():
+        raise RuntimeError(
+            f"{checkpoint} {'needs' if universal else 'is no'} universal checkpoint here: build the engine "
+            f"with deepspeed_config(load_universal={universal})"
+        )
+    if universal:
+        converted = checkpoint.parent / ".universal" / checkpoint.name
+        run_on_main(
+            lambda: to_universal(checkpoint, converted, timeout=timeout),
+            what=f"converting {checkpoint.name} to a universal checkpoint",
+        )
+        directory, tag = converted.parent, converted.name
+    path, client_state = engine.engine.load_checkpoint(
+        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if universal:
+        barrier()
+        if rank() == 0:
+            shutil.rmtree(converted, ignore_errors=True)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {directory}")
+    return client_state or {}
+
+
+def optimizer_moments(engine: Any) -> dict[str, float]:
+    """The L2 norms of the optimizer's moments over every trained parameter and its step count,
+    whatever the partitioning (collective under ZeRO): what a resume can be checked by."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
+    squares = torch.zeros(2, dtype=torch.float64)
+    steps = []
+    for state in inner.state.values():  # ZeRO: this rank's flat partitions; else every parameter
+        for i, key in enumerate(("exp_avg", "exp_avg_sq")):
+            if key in state:
+                squares[i] += state[key].double().square().sum().cpu()
+        if "step" in state:
+            steps.append(float(state["step"]))
+    if engine.zero_stage >= 1 and torch.distributed.is_initialized():
+        total = squares.to(engine.device)
+        torch.distributed.all_reduce(total)  # the partitions are disjoint
+        squares = total.cpu()
+    return {"exp_avg": math.sqrt(squares[0]), "exp_avg_sq": math.sqrt(squares[1]), "step": max(steps, default=0.0)}
 
 
 def to_universal(checkpoint: Path, universal: Path, *, timeout: float = 0.0) -> None:

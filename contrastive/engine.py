@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from contrastive.accumulate import cached_accumulation
-from contrastive.ds_checkpoint import to_universal
+from contrastive.adapters import skip_cpu_shared_memory_allreduce
 
 log = logging.getLogger("contrastive.engine")
 
@@ -88,11 +87,7 @@ def _quiet_deepspeed(device_type: str) -> None:
     warnings.filterwarnings(
         "ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning
     )
-    import deepspeed.ops
-
-    # On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at the first init (~30 s, needs
-    # a compiler); gloo's all-reduce is enough for what runs on CPU.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_cpu_shared_memory_allreduce()  # gloo's all-reduce is what CPU runs use
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
@@ -104,6 +99,7 @@ def deepspeed_config(
     precision: str = "fp32",
     grad_clip: float = 1.0,
     accumulate: int = 1,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed config for these settings (engine.*, with the trainer's precision, clipping and
     accumulation); `settings.config` (a JSON path or dict) is applied on top."""
@@ -124,6 +120,8 @@ def deepspeed_config(
         "torch_autocast": {"enabled": precision == "amp_bf16", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # a resume on another number of ranks loads a universal checkpoint (contrastive.ds_checkpoint)
+        "checkpoint": {"load_universal": load_universal},
     }
     if offload_optimizer:
         if zero_stage == 0:
@@ -343,74 +341,3 @@ class Engine:
             name = group.get("name", "base")
             out[name] = max(out.get(name, 0.0), group["lr"])
         return out if len(out) > 1 else {}
-
-    def optimizer_moments(self) -> dict[str, float]:
-        """The L2 norms of the optimizer's moments over every trained parameter and its step count,
-        whatever the partitioning (collective under ZeRO): what a resume can be checked by."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
-        squares = torch.zeros(2, dtype=torch.float64)
-        steps = []
-        for state in inner.state.values():  # ZeRO: this rank's flat partitions; else every parameter
-            for i, key in enumerate(("exp_avg", "exp_avg_sq")):
-                if key in state:
-                    squares[i] += state[key].double().square().sum().cpu()
-            if "step" in state:
-                steps.append(float(state["step"]))
-        if self.zero_stage >= 1 and torch.distributed.is_initialized():
-            total = squares.to(self.device)
-            torch.distributed.all_reduce(total)  # the partitions are disjoint
-            squares = total.cpu()
-        return {"exp_avg": math.sqrt(squares[0]), "exp_avg_sq": math.sqrt(squares[1]), "step": max(steps, default=0.0)}
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
-        from deepspeed.checkpoint.constants import (
-            UNIVERSAL_CHECKPOINT_INFO,
-            UNIVERSAL_CHECKPOINT_VERSION_KEY,
-            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        )
-
-        # what DeepSpeed's ds_to_universal needs to re-partition it for another number of ranks
-        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={**info, **client_state}, save_latest=False)
-
-    def load(
-        self, directory: Path, tag: str, *, saved_world_size: int | None = None, timeout: float = 0.0
-    ) -> dict[str, Any]:
-        """Weights, optimizer states and schedule from checkpoint `directory/tag`. One saved by another
-        number of ranks with partitioned optimizer states (ZeRO 1-3, bf16) goes through DeepSpeed's
-        universal checkpoint: rank 0 converts it (ds_to_universal: every parameter's fp32 weights and
-        optimizer moments, whole; within `timeout` seconds, while the others heartbeat) and every rank
-        loads its new partition from that."""
-        checkpoint = Path(directory) / tag
-        partitioned = any(checkpoint.glob("*zero_pp_rank_*optim_states.pt"))
-        if saved_world_size not in (None, torch.distributed.get_world_size()) and partitioned:
-            return self._load_universal(checkpoint, timeout)
-        path, client_state = self.engine.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {directory}")
-        return client_state or {}
-
-    def _load_universal(self, checkpoint: Path, timeout: float) -> dict[str, Any]:
-        from contrastive.distributed import barrier, rank, run_on_main
-
-        universal = checkpoint.parent / ".universal" / checkpoint.name
-        run_on_main(
-            lambda: to_universal(checkpoint, universal, timeout=timeout),
-            what=f"converting {checkpoint.name} to a universal checkpoint",
-        )
-        self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint, as the config's flag
-        try:
-            path, client_state = self.engine.load_checkpoint(
-                str(universal.parent), tag=universal.name, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-        finally:
-            self.engine._config.load_universal_checkpoint = False
-        barrier()
-        if rank() == 0:
-            shutil.rmtree(universal, ignore_errors=True)
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load the universal checkpoint made from {checkpoint}")
-        return client_state or {}

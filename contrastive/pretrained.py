@@ -197,3 +197,62 @@ def tower_weights(name: str, pretrained: str, prefix: str, *, quick_gelu: bool, 
     """One tower's part (`visual.` or `text.`) of the released weights."""
     state = pretrained_state(name, pretrained, quick_gelu, where)
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def vision_transformer(embed_dim: int, vision_cfg: dict[str, Any], *, quick_gelu: bool) -> torch.nn.Module:
+    """open_clip's VisionTransformer for the plain ViT `vision_cfg` of hand-written sizes, with the
+    arguments open_clip's CLIP gives it for that config (so the same seed gives the same weights)."""
+    from open_clip.model import CLIPVisionCfg
+    from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+
+    cfg = CLIPVisionCfg(**vision_cfg)
+    return VisionTransformer(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=cfg.width // cfg.head_width,
+        mlp_ratio=cfg.mlp_ratio,
+        ls_init_value=cfg.ls_init_value,
+        patch_dropout=cfg.patch_dropout,
+        attentional_pool=cfg.attentional_pool,
+        attn_pooler_queries=cfg.attn_pooler_queries,
+        attn_pooler_heads=cfg.attn_pooler_heads,
+        pos_embed_type=cfg.pos_embed_type,
+        no_ln_pre=cfg.no_ln_pre,
+        final_ln_after_pool=cfg.final_ln_after_pool,
+        pool_type=cfg.pool_type,
+        output_tokens=cfg.output_tokens,
+        output_dim=embed_dim,
+        act_layer=QuickGELU if quick_gelu else torch.nn.GELU,
+        norm_layer=LayerNorm,
+    )
+
+
+def text_transformer(embed_dim: int, text_cfg: dict[str, Any], *, quick_gelu: bool) -> torch.nn.Module:
+    """open_clip's TextTransformer for the `text_cfg` of hand-written sizes, with the arguments open_clip's
+    CLIP gives it for that config (so the same seed gives the same weights)."""
+    from open_clip.model import CLIPTextCfg
+    from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+
+    cfg = CLIPTextCfg(**text_cfg)
+    return TextTransformer(
+        context_length=cfg.context_length,
+        vocab_size=cfg.vocab_size,
+        width=cfg.width,
+        heads=cfg.heads,
+        layers=cfg.layers,
+        mlp_ratio=cfg.mlp_ratio,
+        ls_init_value=cfg.ls_init_value,
+        output_dim=embed_dim,
+        embed_cls=cfg.embed_cls,
+        no_causal_mask=cfg.no_causal_mask,
+        pad_id=cfg.pad_id,
+        eos_id=cfg.eos_id,
+        pool_type=cfg.pool_type,
+        proj_type=cfg.proj_type,
+        proj_bias=cfg.proj_bias,
+        output_tokens=cfg.output_tokens,
+        act_layer=QuickGELU if quick_gelu else torch.nn.GELU,
+        norm_layer=LayerNorm,
+    )

@@ -110,15 +110,17 @@ def _interrupted_save(tmp):
     engine.backward(loss)
     engine.step()
 
-    real_save = engine.save
+    import contrastive.checkpoint
 
-    def dies_half_way(directory, tag, client_state):
-        real_save(directory, tag, client_state)
+    real_save = contrastive.checkpoint.save_engine
+
+    def dies_half_way(engine, directory, tag, client_state):
+        real_save(engine, directory, tag, client_state)
         for f in (Path(directory) / tag).iterdir():  # a torn write: files truncated, then the crash
             f.write_bytes(f.read_bytes()[:100])
         raise KeyboardInterrupt("killed while saving")
 
-    engine.save = dies_half_way
+    contrastive.checkpoint.save_engine = dies_half_way
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp, 3, engine, meta={"note": "torn"}, rank_state={"rng": 1})
     latest = latest_checkpoint(tmp)

@@ -150,3 +150,23 @@ def test_a_modified_resnet_decays_by_bottleneck_across_its_stages():
     assert top == len(bottlenecks) + 1 == 7
     assert [depth[id(next(b.parameters()))] for b in bottlenecks] == [1, 2, 3, 4, 5, 6]
     assert depth[id(tower.conv1.weight)] == 0 and depth[id(tower.attnpool.c_proj.weight)] == top
+
+
+def test_hand_written_towers_are_the_ones_open_clips_clip_builds_for_their_config():
+    """Built through open_clip's public transformer classes: the same seed gives the same weights as
+    open_clip's own CustomTextCLIP (visual first, then text) for the same configs."""
+    from contrastive.modalities import build_modality
+    from contrastive.pretrained import text_transformer, vision_transformer
+
+    vision, text = build_modality("image").open_clip_vision_cfg, build_modality("text").open_clip_text_cfg
+    for quick_gelu in (False, True):
+        torch.manual_seed(0)
+        ours = [
+            vision_transformer(32, vision, quick_gelu=quick_gelu),
+            text_transformer(32, text, quick_gelu=quick_gelu),
+        ]
+        torch.manual_seed(0)
+        clip = open_clip.CustomTextCLIP(32, vision, text, quick_gelu=quick_gelu)
+        for mine, theirs in zip(ours, (clip.visual, clip.text)):
+            assert repr(mine) == repr(theirs)
+            assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import webdataset as wds
 
+from contrastive.adapters import stop_loader_workers
 from contrastive.data import elastic
 from contrastive.data.decode import BatchDecoder
 from contrastive.data.settings import DataConfig
@@ -283,9 +284,7 @@ def loader_batches(dataset: ShardDataset, *, pin_memory: bool = False) -> Iterat
     try:
         yield iterator
     finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # worker processes only
-        if shutdown is not None:
-            shutdown()
+        stop_loader_workers(iterator)
 
 
 def batches(dataset: ShardDataset, position: DataPosition, *, pin_memory: bool = False) -> Iterator[dict[str, Any]]:

@@ -164,11 +164,11 @@ def _open_raw(location: str, offset: int):
 
 def _http_range_start(f: Any) -> int | None:
     """Where an fsspec HTTP stream's body starts: the first byte of its 206 answer's Content-Range, or
-    None for a whole answer (a server that ignored Range). fsspec keeps the aiohttp response as `r`."""
-    response = getattr(f, "r", None)
-    if response is None or getattr(response, "status", 200) != 206:
-        return None
-    found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    None for a whole answer (a server that ignored Range)."""
+    from contrastive.adapters import http_status
+
+    status, headers = http_status(f)
+    found = re.match(r"bytes (\d+)-", headers.get("Content-Range", "")) if status == 206 else None
     return int(found.group(1)) if found else None
 
 

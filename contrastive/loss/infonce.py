@@ -58,7 +58,7 @@ class TiledCrossEntropy(torch.autograd.Function):
     so no third product is needed."""
 
     @staticmethod
-    def _block(rows, cols, scale, col_valid, targets, row_labels, col_labels, r0, r1, c0, c1):
+    def block(rows, cols, scale, col_valid, targets, row_labels, col_labels, r0, r1, c0, c1):
         logits = torch.mm(rows[r0:r1], cols[c0:c1].T).mul_(scale)
         if row_labels is not None or not bool(col_valid[c0:c1].all()):
             dead = dead_columns(
@@ -72,7 +72,7 @@ class TiledCrossEntropy(torch.autograd.Function):
         return logits
 
     @staticmethod
-    def _blocks(rows, cols, scale, col_valid, targets, row_labels, col_labels, tile):
+    def blocks(rows, cols, scale, col_valid, targets, row_labels, col_labels, tile):
         """(r0, r1, c0, c1, masked logits of that block) for every [tile, tile] block."""
         n, total = rows.shape[0], cols.shape[0]
         for r0 in range(0, n, tile):
@@ -84,7 +84,7 @@ class TiledCrossEntropy(torch.autograd.Function):
                     r1,
                     c0,
                     c1,
-                    TiledCrossEntropy._block(
+                    TiledCrossEntropy.block(
                         rows, cols, scale, col_valid, targets, row_labels, col_labels, r0, r1, c0, c1
                     ),
                 )
@@ -93,7 +93,7 @@ class TiledCrossEntropy(torch.autograd.Function):
     def forward(ctx, rows, cols, scale, col_valid, targets, row_labels, col_labels, tile: int):
         lse = torch.full((rows.shape[0],), float("-inf"), device=rows.device, dtype=rows.dtype)
         with torch.no_grad():
-            for r0, r1, _, _, logits in TiledCrossEntropy._blocks(
+            for r0, r1, _, _, logits in TiledCrossEntropy.blocks(
                 rows, cols, scale, col_valid, targets, row_labels, col_labels, tile
             ):
                 lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(logits, dim=1))
@@ -109,7 +109,7 @@ class TiledCrossEntropy(torch.autograd.Function):
         rows, cols, scale, col_valid, targets, lse, *labels = ctx.saved_tensors
         row_labels, col_labels = labels if ctx.labelled else (None, None)
         g_rows, g_cols = torch.zeros_like(rows), torch.zeros_like(cols)
-        for r0, r1, c0, c1, p in TiledCrossEntropy._blocks(
+        for r0, r1, c0, c1, p in TiledCrossEntropy.blocks(
             rows, cols, scale, col_valid, targets, row_labels, col_labels, ctx.tile
         ):
             # d loss_i / d logit_ij of the log-sum-exp term: softmax_ij, times the row's weight

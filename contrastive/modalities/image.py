@@ -192,6 +192,6 @@ class Image(Modality):
 
             return build_model(self.open_clip, quick_gelu=self.quick_gelu, embed_dim=embed_dim).visual
         # hand-written sizes: the vision tower open_clip's CLIP builds for them
-        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+        from contrastive.pretrained import vision_transformer
 
-        return _build_vision_tower(embed_dim, CLIPVisionCfg(**self.open_clip_vision_cfg), quick_gelu=self.quick_gelu)
+        return vision_transformer(embed_dim, self.open_clip_vision_cfg, quick_gelu=self.quick_gelu)

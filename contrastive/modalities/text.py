@@ -128,6 +128,6 @@ class Text(Modality):
 
             return build_model(self.open_clip, quick_gelu=self.quick_gelu, embed_dim=embed_dim).text
         # hand-written sizes: the text tower open_clip's CLIP builds for them
-        from open_clip.model import CLIPTextCfg, _build_text_tower
+        from contrastive.pretrained import text_transformer
 
-        return _build_text_tower(embed_dim, CLIPTextCfg(**self.open_clip_text_cfg), quick_gelu=self.quick_gelu)
+        return text_transformer(embed_dim, self.open_clip_text_cfg, quick_gelu=self.quick_gelu)
