@@ -15,8 +15,9 @@ from contrastive.data.checks import preflight
 from contrastive.data.pipeline import ShardDataset
 from contrastive.data.settings import DataConfig
 from contrastive.data.sources import load_sources
+from contrastive.errors import ConfigError
 from contrastive.loss import ContrastiveLoss, InfoNCESettings, LossSettings
-from contrastive.modalities.base import MODALITIES, ConfigError, Modality, build_modality
+from contrastive.modalities.base import MODALITIES, Modality, build_modality
 from contrastive.model import ContrastiveModel, ContrastiveObjective
 from contrastive.optim import NO_DECAY_NAMES, param_groups
 

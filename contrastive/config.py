@@ -25,10 +25,11 @@ from contrastive import layout
 from contrastive.credentials import find_secrets, redact, secret_message
 from contrastive.data.settings import DataConfig
 from contrastive.engine import EngineConfig
+from contrastive.errors import ConfigError
 from contrastive.evaluation.settings import EvalConfig
 from contrastive.launch import LauncherConfig
 from contrastive.loss import LOSSES, LossSettings
-from contrastive.modalities.base import MODALITIES, ConfigError
+from contrastive.modalities.base import MODALITIES
 from contrastive.model import ModelConfig
 from contrastive.optim import OptimConfig
 from contrastive.tracking import LoggerConfig

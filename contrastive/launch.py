@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from contrastive.errors import ConfigError
 from contrastive.layout import SLURM_DIR
-from contrastive.modalities.base import ConfigError
 
 TEMPLATE = SLURM_DIR / "train.sbatch"
 

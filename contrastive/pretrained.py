@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from contrastive.modalities.base import ConfigError
+from contrastive.errors import ConfigError
 
 log = logging.getLogger("contrastive")
 

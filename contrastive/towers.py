@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from contrastive.modalities.base import ConfigError, Modality
+from contrastive.errors import ConfigError
+from contrastive.modalities.base import Modality
 
 log = logging.getLogger("contrastive")
 

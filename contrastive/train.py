@@ -189,6 +189,24 @@ class Hooks:
     record_keys: Callable[[int, list[str]], None] | None = None  # each step's sample keys
 
 
+def step_metrics(engine: Any, state: TrainState, logs: Mapping[str, Any], loss: float, progress: Progress) -> dict:
+    """A logging step's row: the loss's metrics, learning rates, gradient norm, the data's counters
+    (all ranks) and the progress figures (which also print the log line)."""
+    metrics = {k: float(v) for k, v in logs.items()}
+    metrics.update({f"lr/{name}": lr for name, lr in engine.lrs().items()})
+    metrics.update(
+        loss=loss,
+        grad_norm=engine.grad_norm(),
+        lr=engine.lr,
+        epoch=state.position.epoch,
+        skipped_steps=state.skipped_steps,
+    )
+    metrics.update({f"data/{k}": v for k, v in state.counts.items() if not k.startswith(PER_SHARD)})
+    metrics["data/broken_shards"] = len(broken_shards(state.counts))
+    metrics.update(progress.report(state.step, metrics))
+    return metrics
+
+
 def train_loop(
     engine: Any,
     batches: Iterator[dict[str, Any]],
@@ -246,19 +264,7 @@ def train_loop(
             state.counts.update(sum_counts(local_counts))
             local_counts.clear()
             hooks.check_counts(state.counts)
-            metrics = {k: float(v) for k, v in logs.items()}
-            metrics.update({f"lr/{name}": lr for name, lr in engine.lrs().items()})
-            metrics.update(
-                loss=loss,
-                grad_norm=engine.grad_norm(),
-                lr=engine.lr,
-                epoch=state.position.epoch,
-                skipped_steps=state.skipped_steps,
-            )
-            metrics.update({f"data/{k}": v for k, v in state.counts.items() if not k.startswith(PER_SHARD)})
-            metrics["data/broken_shards"] = len(broken_shards(state.counts))
-            metrics.update(progress.report(state.step, metrics))
-            logger.log(state.step, metrics)
+            logger.log(state.step, step_metrics(engine, state, logs, loss, progress))
         if (
             hooks.evaluate is not None
             and settings.eval_every

@@ -101,91 +101,112 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    start = time.time()
-    if args.command == "demo":
-        from contrastive.data_tools.demo import build_demo
+    return COMMANDS[args.command](args, time.time())
 
-        counts = build_demo(
-            args.out_dir, seed=args.seed, copies=args.copies, max_images=args.max_images, shard_size=args.shard_size
-        )
-        print(
-            f"demo data in {args.out_dir}: "
-            + ", ".join(f"{k} {v} samples" for k, v in counts.items())
-            + f" ({time.time() - start:.0f} s)"
-        )
-    elif args.command == "shards":
-        from contrastive.data_tools.shards import build_shards
 
-        try:
-            result = build_shards(
-                args.out_dir,
-                manifest=args.manifest,
-                folder=args.folder,
-                prefix=args.prefix,
-                max_count=args.max_count,
-                max_bytes=int(args.max_bytes),
-                workers=args.workers,
-            )
-        except ValueError as e:
-            print(f"contrastive-data shards: {e}", file=sys.stderr)
-            return 2
-        for skipped in result["skipped"][:20]:
-            print(f"skipped {skipped}", file=sys.stderr)
-        print(
-            f"{sum(result['sizes'].values())} samples in {len(result['sizes'])} shards in {args.out_dir} "
-            f"({time.time() - start:.0f} s)"
-            + (f"; {len(result['skipped'])} files skipped" if result["skipped"] else "")
-        )
-    elif args.command == "verify":
-        from contrastive.data_tools.inspect import format_verify, verify
+def run_demo(args: argparse.Namespace, start: float) -> int:
+    from contrastive.data_tools.demo import build_demo
 
-        report, ok = verify(
-            args.directory,
-            workers=args.workers,
-            max_bad_fraction=args.max_bad_fraction,
-            max_member=args.max_member_mb << 20,
-        )
-        print(format_verify(report, ok))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
-        return 0 if ok else 1
-    elif args.command == "benchmark":
-        from contrastive.data_tools.benchmark import build_benchmark_set
-
-        try:
-            result = build_benchmark_set(
-                args.out_dir,
-                manifest=args.manifest,
-                task=args.task,
-                classnames=args.classnames,
-                templates=args.templates,
-                split=args.split,
-                max_count=args.max_count,
-            )
-        except ValueError as e:
-            print(f"contrastive-data benchmark: {e}", file=sys.stderr)
-            return 2
-        print(
-            f"{args.task} set in {args.out_dir}: {result['samples']} samples in {result['shards']} shards"
-            + (f", {result['classes']} classes" if result["classes"] else "")
-        )
-    elif args.command == "stats":
-        from contrastive.data_tools.inspect import format_stats, stats
-
-        if args.write_sizes:
-            from contrastive.data.shards import write_sizes
-            from contrastive.data.storage import redact
-
-            sizes, where, damaged = write_sizes(args.directory)
-            print(f"{sum(sizes.values())} samples in {len(sizes)} shards: wrote {redact(where)}")
-            for name, error in damaged.items():
-                print(f"  broken shard {name}: counted up to the damage ({sizes[name]} samples): {error}")
-        limit = args.max_samples if args.max_samples is not None else (1000 if args.write_sizes else 0)
-        result = stats(args.directory, max_samples=limit)
-        print(format_stats(result))
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=1) + "\n")
+    counts = build_demo(
+        args.out_dir, seed=args.seed, copies=args.copies, max_images=args.max_images, shard_size=args.shard_size
+    )
+    print(
+        f"demo data in {args.out_dir}: "
+        + ", ".join(f"{k} {v} samples" for k, v in counts.items())
+        + f" ({time.time() - start:.0f} s)"
+    )
     return 0
+
+
+def run_shards(args: argparse.Namespace, start: float) -> int:
+    from contrastive.data_tools.shards import build_shards
+
+    try:
+        result = build_shards(
+            args.out_dir,
+            manifest=args.manifest,
+            folder=args.folder,
+            prefix=args.prefix,
+            max_count=args.max_count,
+            max_bytes=int(args.max_bytes),
+            workers=args.workers,
+        )
+    except ValueError as e:
+        print(f"contrastive-data shards: {e}", file=sys.stderr)
+        return 2
+    for skipped in result["skipped"][:20]:
+        print(f"skipped {skipped}", file=sys.stderr)
+    print(
+        f"{sum(result['sizes'].values())} samples in {len(result['sizes'])} shards in {args.out_dir} "
+        f"({time.time() - start:.0f} s)" + (f"; {len(result['skipped'])} files skipped" if result["skipped"] else "")
+    )
+    return 0
+
+
+def run_verify(args: argparse.Namespace, start: float) -> int:
+    from contrastive.data_tools.inspect import format_verify, verify
+
+    report, ok = verify(
+        args.directory,
+        workers=args.workers,
+        max_bad_fraction=args.max_bad_fraction,
+        max_member=args.max_member_mb << 20,
+    )
+    print(format_verify(report, ok))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if ok else 1
+
+
+def run_benchmark(args: argparse.Namespace, start: float) -> int:
+    from contrastive.data_tools.benchmark import build_benchmark_set
+
+    try:
+        result = build_benchmark_set(
+            args.out_dir,
+            manifest=args.manifest,
+            task=args.task,
+            classnames=args.classnames,
+            templates=args.templates,
+            split=args.split,
+            max_count=args.max_count,
+        )
+    except ValueError as e:
+        print(f"contrastive-data benchmark: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.task} set in {args.out_dir}: {result['samples']} samples in {result['shards']} shards"
+        + (f", {result['classes']} classes" if result["classes"] else "")
+    )
+    return 0
+
+
+def run_stats(args: argparse.Namespace, start: float) -> int:
+    from contrastive.data_tools.inspect import format_stats, stats
+
+    if args.write_sizes:
+        from contrastive.data.shards import write_sizes
+        from contrastive.data.storage import redact
+
+        sizes, where, damaged = write_sizes(args.directory)
+        print(f"{sum(sizes.values())} samples in {len(sizes)} shards: wrote {redact(where)}")
+        for name, error in damaged.items():
+            print(f"  broken shard {name}: counted up to the damage ({sizes[name]} samples): {error}")
+    limit = args.max_samples if args.max_samples is not None else (1000 if args.write_sizes else 0)
+    result = stats(args.directory, max_samples=limit)
+    print(format_stats(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+COMMANDS = {
+    "demo": run_demo,
+    "shards": run_shards,
+    "verify": run_verify,
+    "benchmark": run_benchmark,
+    "stats": run_stats,
+}
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def stream_position(self, batch: int) -> dict[int, int]:
         """Batches each of this rank's streams has produced once the rank has consumed `batch`."""
-        return {w: (batch - w + self.num_workers - 1) // self.num_workers for w in range(self.num_workers)}
+        return {w: elastic.handed_out(batch, w, self.num_workers) for w in range(self.num_workers)}
 
     def layout(self) -> dict[str, int]:
         """What an exact resume without carrying the position over needs unchanged."""

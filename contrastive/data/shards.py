@@ -26,6 +26,7 @@ from contrastive.data.storage import (
     filesystem,
     is_remote,
     join,
+    local_path,
     read_bytes,
     redact,
     write_bytes,
@@ -176,7 +177,7 @@ def locate(spec: str | os.PathLike) -> tuple[list[str], str | None]:
         head = locations[0]
         return locations, None if head.startswith(PIPE) else join(head.rsplit("/", 1)[0], SIZES_FILE)
     if not is_remote(spec):
-        path = Path(spec.removeprefix("file://"))
+        path = Path(local_path(spec))
         if path.is_file() and path.suffix == ".tar":
             return [str(path)], str(path.parent / SIZES_FILE)
         if not path.is_dir():

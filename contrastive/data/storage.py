@@ -46,6 +46,11 @@ class StorageError(OSError):
     """A location that cannot be read as asked (missing, refused): not worth a retry."""
 
 
+def local_path(location: str) -> str:
+    """A local location as a path (a `file://` URL's path)."""
+    return location.removeprefix("file://")
+
+
 def is_remote(location: str) -> bool:
     return location.startswith(PIPE) or "://" in location and not location.startswith("file://")
 
@@ -146,7 +151,7 @@ def _open_raw(location: str, offset: int):
 
         return gopen(location, "rb"), 0
     if not is_remote(location):
-        f = open(location.removeprefix("file://"), "rb", buffering=0)
+        f = open(local_path(location), "rb", buffering=0)
         f.seek(offset)
         return f, offset
     fs, path = _stream_filesystem(location)
@@ -266,7 +271,7 @@ class ShardStream(io.RawIOBase):
 def open_shard(location: str, *, on_retry: Callable[[], None] | None = None) -> io.BufferedReader:
     """A buffered, retrying, sequential reader of a shard (a local file: a plain buffered file)."""
     if not is_remote(location):
-        return open(location.removeprefix("file://"), "rb", buffering=CHUNK)
+        return open(local_path(location), "rb", buffering=CHUNK)
     return io.BufferedReader(ShardStream(location, on_retry=on_retry), buffer_size=CHUNK)
 
 
@@ -357,7 +362,7 @@ def prefetched(
 
 def read_bytes(location: str) -> bytes:
     if not is_remote(location):
-        with open(location.removeprefix("file://"), "rb") as f:
+        with open(local_path(location), "rb") as f:
             return f.read()
     fs, path = filesystem(location)
     return fs.cat_file(path)
@@ -365,7 +370,7 @@ def read_bytes(location: str) -> bytes:
 
 def exists(location: str) -> bool:
     if not is_remote(location):
-        return os.path.exists(location.removeprefix("file://"))
+        return os.path.exists(local_path(location))
     fs, path = filesystem(location)
     return fs.exists(path)
 

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 
 from contrastive.data.shards import locate
 from contrastive.data.storage import PIPE, exists, join, read_bytes
+from contrastive.errors import ConfigError
 from contrastive.evaluation.settings import TASK_ALIASES, TASKS, EvalConfig, EvalSet
-from contrastive.modalities.base import ConfigError
 
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Dict
 import torch
 from torch import nn
 
-from contrastive.modalities.base import ConfigError
+from contrastive.errors import ConfigError
 
 LOSSES: dict[str, type["PairLoss"]] = {}
 

@@ -19,9 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from contrastive.distributed import all_reduce_sum, world_size
+from contrastive.errors import ConfigError
 from contrastive.loss.base import LOSSES, LossSettings, PairLoss, Temperature, loss_class
 from contrastive.loss.pairs import pair_name, resolve_pairs
-from contrastive.modalities.base import ConfigError
 
 DEFAULT_LOSS = "infonce"
 

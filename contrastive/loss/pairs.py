@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
-from contrastive.modalities.base import ConfigError
+from contrastive.errors import ConfigError
 
 Pair = tuple[str, str]
 

@@ -33,7 +33,8 @@ import soundfile
 import torch
 from torch import nn
 
-from contrastive.modalities.base import ConfigError, Modality, register_modality
+from contrastive.errors import ConfigError
+from contrastive.modalities.base import Modality, register_modality
 
 
 @register_modality("audio")

@@ -22,11 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from contrastive.errors import ConfigError
+
 MODALITIES: dict[str, type["Modality"]] = {}
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work, with the key that holds it in the message."""
 
 
 class ModalityError(RuntimeError):

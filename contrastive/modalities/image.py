@@ -12,7 +12,8 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
-from contrastive.modalities.base import ConfigError, Modality, register_modality
+from contrastive.errors import ConfigError
+from contrastive.modalities.base import Modality, register_modality
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
