@@ -20,8 +20,10 @@ MODS = ("image", "audio", "text")
 
 
 def run_epoch(path: Path, mods=MODS, batch_size=4, workers=2):
+    """One pass over every sample (as evaluation reads a set: training would drop each worker's last
+    partial batch), through 2 DataLoader workers."""
     ds = ShardDataset(
-        load_sources(str(path)), tiny_modalities(mods), batch_size=batch_size, train=True, num_workers=workers, seed=0
+        load_sources(str(path)), tiny_modalities(mods), batch_size=batch_size, train=False, num_workers=workers, seed=0
     )
     batches = list(make_loader(ds))
     assert len(batches) == len(ds)

@@ -77,6 +77,15 @@ class _Counted:
         return item
 
 
+def worker_batches(total: int, global_workers: int, batch_size: int, *, drop_last: bool) -> int:
+    """Batches each worker makes of an epoch of `total` samples. Training (`drop_last`): only full
+    ones, as open_clip does; each worker's last, partial batch is dropped (its samples are not
+    trained this epoch), so no step at an epoch's end has fewer negatives; where a worker's share is
+    under one batch, that one partial batch is kept. Evaluation: every sample, the last batch padded."""
+    share = total // global_workers if drop_last else -(-total // global_workers)
+    return max(share // batch_size, 1 if total else 0) if drop_last else -(-share // batch_size)
+
+
 def handed_out(batches: int, stream: int, workers: int) -> int:
     """Batches stream `stream` of `workers` has produced once its rank consumed `batches`."""
     return max(0, (batches - stream + workers - 1) // workers)
@@ -89,10 +98,12 @@ def left_after(
     workers = layout["num_workers"]
     global_workers = layout["world_size"] * workers
     total, left = count(ranges), []
+    per_worker = worker_batches(total, global_workers, layout["batch_size"], drop_last=True)
     for worker in range(global_workers):
         lo, hi = span(total, worker, global_workers)
         mine = take(ranges, lo, hi)
-        trained = min(handed_out(batches, worker % workers, workers) * layout["batch_size"], hi - lo)
+        made = min(handed_out(batches, worker % workers, workers), per_worker)
+        trained = min(made * layout["batch_size"], hi - lo)
         if trained == 0:
             left += mine
             continue
@@ -111,10 +122,12 @@ def trained_count(total: int, layout: Mapping[str, int], batches: int) -> int:
     """Slots trained of an epoch of `total` once every rank of `layout` consumed `batches`."""
     workers = layout["num_workers"]
     global_workers = layout["world_size"] * workers
+    per_worker = worker_batches(total, global_workers, layout["batch_size"], drop_last=True)
     trained = 0
     for worker in range(global_workers):
         lo, hi = span(total, worker, global_workers)
-        trained += min(handed_out(batches, worker % workers, workers) * layout["batch_size"], hi - lo)
+        made = min(handed_out(batches, worker % workers, workers), per_worker)
+        trained += min(made * layout["batch_size"], hi - lo)
     return trained
 
 

@@ -2,8 +2,10 @@
 
 Each epoch, the shards are put in an order seeded by (seed, epoch) and their samples, read as one
 stream, are cut into one contiguous span per global worker (rank x DataLoader worker). Spans differ
-by at most one sample, every worker yields the same number of batches (the last ones padded with
-empty rows), so no rank waits at the end of an epoch and fewer shards than workers is not an error.
+by at most one sample, every worker yields the same number of batches, so no rank waits at the end
+of an epoch and fewer shards than workers is not an error. Training makes full batches only: each
+worker's last, partial batch is dropped, as open_clip does (no step with fewer negatives at an
+epoch's end; under one batch a worker's share is kept, padded); evaluation pads its last batches.
 Within a worker, samples are shuffled in a buffer seeded by (seed, epoch, worker) and grouped into
 batches of `batch_size` slots. The loader's position is (epoch, batches consumed by this rank):
 from it, each worker knows how many of its batches to skip, without decoding them, on resume.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,7 +140,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return self._remaining_ranges
 
     def batches_per_worker(self, epoch: int) -> int:
-        return math.ceil(math.ceil(self.epoch_total(epoch) / self.global_workers) / self.batch_size)
+        """Training: full batches only (a worker's last, partial one is dropped; see
+        elastic.worker_batches); evaluation: every sample."""
+        return elastic.worker_batches(
+            self.epoch_total(epoch), self.global_workers, self.batch_size, drop_last=self.train
+        )
 
     def epoch_length(self, epoch: int) -> int:
         """Batches of `epoch` on this rank (the same on every rank)."""
