@@ -86,7 +86,8 @@ def search(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line this tool takes (also what tests/test_readme.py checks the README's examples against)."""
     parser = argparse.ArgumentParser(
         prog="contrastive-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--modality", required=True, help="the modality to search among")
     s.add_argument("--model", help="default: the model the index was made with")
     s.add_argument("-k", "--k", type=int, default=5)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return embed(args) if args.command == "embed" else search(args)
 

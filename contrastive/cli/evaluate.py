@@ -72,7 +72,8 @@ def requested_sets(args, training_config: dict | None) -> list:
     return sets + [resolve_set(name, {**options, **fields}) for name, fields in named.items()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line this tool takes (also what tests/test_readme.py checks the README's examples against)."""
     parser = argparse.ArgumentParser(
         prog="contrastive-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -91,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--max-samples", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from contrastive.data.settings import DataConfig

@@ -13,13 +13,18 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line this tool takes (also what tests/test_readme.py checks the README's examples against)."""
     parser = argparse.ArgumentParser(
         prog="contrastive-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its latest)")
     parser.add_argument("out_dir", help="a directory, or a URL (s3://bucket/models/mine, any fsspec URL)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from contrastive.checkpoint import resolve_resume
