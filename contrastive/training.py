@@ -213,18 +213,8 @@ def resume(run: Run) -> TrainState:
 
 def train(run: Run, state: TrainState) -> TrainState:
     """The config written, the loggers opened, then the loop to max_steps (or a stop)."""
-    spec, trainer, dist = run.spec, run.spec.trainer, run.dist
-    if dist.is_main:
-        OmegaConf.save(OmegaConf.create(spec.config), run.run_dir / "config.yaml")
-    log_settings = spec.logger
-    run.logger = MetricsLogger(
-        run.run_dir,
-        enabled=dist.is_main,
-        wandb_mode=log_settings.wandb,
-        project=log_settings.project,
-        tensorboard=log_settings.tensorboard,
-        config=spec.config,
-    )
+    trainer, dist = run.spec.trainer, run.dist
+    open_loggers(run)
     tower_flops = training_flops_per_sample(run.objective.model)
     peak, peak_source = peak_flops(dist.device, trainer.precision, trainer.peak_tflops)
     if dist.is_main:
@@ -249,6 +239,21 @@ def train(run: Run, state: TrainState) -> TrainState:
         return train_loop(run.engine, stream, state, trainer, hooks(run), run.logger, progress)
     finally:
         stream.close()  # stops the loader's workers, whatever ended the loop
+
+
+def open_loggers(run: Run) -> None:
+    """config.yaml (redacted), metrics.jsonl and wandb/TensorBoard where asked."""
+    spec = run.spec
+    if run.dist.is_main:
+        OmegaConf.save(OmegaConf.create(spec.config), run.run_dir / "config.yaml")
+    run.logger = MetricsLogger(
+        run.run_dir,
+        enabled=run.dist.is_main,
+        wandb_mode=spec.logger.wandb,
+        project=spec.logger.project,
+        tensorboard=spec.logger.tensorboard,
+        config=spec.config,
+    )
 
 
 def hooks(run: Run) -> Hooks:
