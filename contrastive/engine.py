@@ -268,16 +268,19 @@ class Engine:
         the update was applied: False for a non-finite loss or gradient, which changes no weight)."""
         micro = [to_device(batch, self.device) for batch in micro_batches]
         applied: list[bool] = []
+        towers: dict[str, torch.Tensor] = {}
         if len(micro) == 1:
             loss, logs = self(micro[0])
             finite = _finite(logs)
             if finite:
                 self.backward(loss)
+                towers = self.tower_grad_norms() if self.measure else {}
                 applied.append(self.step())
         else:
 
             def backward(surrogate: torch.Tensor) -> None:
                 self.backward(surrogate)
+                towers.update(self.tower_grad_norms() if self.measure else {})
                 applied.append(self.step())
 
             loss, logs = cached_accumulation(
@@ -288,7 +291,32 @@ class Engine:
                 proceed=lambda loss, logs: _finite(logs),
             )
             finite = _finite(logs)
-        return logs, finite, finite and all(applied)
+        return {**logs, **towers}, finite, finite and all(applied)
+
+    @property
+    def measure(self) -> bool:
+        """Whether this step measures (the loss's telemetry, the towers' gradient norms): logging steps."""
+        return bool(getattr(self.objective.loss, "measure", False))
+
+    @measure.setter
+    def measure(self, on: bool) -> None:
+        if hasattr(self.objective.loss, "measure"):
+            self.objective.loss.measure = on
+
+    def tower_grad_norms(self) -> dict[str, torch.Tensor]:
+        """`grad_norm/<tower>`: each tower's whole gradient norm, after backward and before the step
+        (collective under ZeRO: every rank asks; DeepSpeed's safe_get_full_grad gathers partitions)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, encoder in self.objective.model.encoders.items():
+            squares = torch.zeros((), dtype=torch.float64)
+            for p in encoder.parameters():
+                grad = safe_get_full_grad(p) if p.requires_grad else None
+                if grad is not None:
+                    squares += grad.detach().double().square().sum().cpu()
+            out[f"grad_norm/{name}"] = squares.sqrt()
+        return out
 
     def _attention(self):
         from torch.nn.attention import sdpa_kernel

@@ -34,6 +34,7 @@ class ContrastiveModel(nn.Module):
         self.embed_dim = embed_dim
         self.modalities = dict(modalities)
         self.encoders = nn.ModuleDict({name: m.build_encoder(embed_dim) for name, m in self.modalities.items()})
+        self.norms: dict[str, torch.Tensor] = {}  # the last batch's output lengths before normalisation
         from contrastive.pretrained import release
 
         release()  # the open_clip model the image and the text tower were taken from
@@ -56,7 +57,9 @@ class ContrastiveModel(nn.Module):
         encoder = self.encoders[name]
         if inputs.is_floating_point():
             inputs = inputs.to(next(encoder.parameters()).dtype)
-        return F.normalize(encoder(inputs).float(), dim=-1)
+        raw = encoder(inputs).float()
+        self.norms[name] = raw.detach().norm(dim=-1)  # the telemetry's `geometry/norm/<modality>`
+        return F.normalize(raw, dim=-1)
 
     def set_grad_checkpointing(self, names: list[str]) -> None:
         """Activation checkpointing inside the named towers (open_clip and timm towers support it)."""
@@ -103,4 +106,7 @@ class ContrastiveObjective(nn.Module):
         embeddings = self.model(batch)
         if embed_only:
             return embeddings
-        return self.loss(embeddings, batch["mask"], batch.get("label_id"))
+        norms = self.model.norms if getattr(self.loss, "measure", False) else None
+        if norms is None:
+            return self.loss(embeddings, batch["mask"], batch.get("label_id"))
+        return self.loss(embeddings, batch["mask"], batch.get("label_id"), norms=norms)

@@ -1,4 +1,5 @@
-"""PNG plots in the run directory: training curves, recall over training, a similarity matrix."""
+"""PNG plots in the run directory: training curves, recall over training, the shared space's geometry
+over training, a 2-D view of the held-out embeddings, a similarity matrix."""
 
 from __future__ import annotations
 
@@ -94,8 +95,62 @@ def plot_similarity(
     plt.close(fig)
 
 
+def plot_geometry(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Per pair over training: uniformity (per modality), alignment, the modality gap (training batches
+    as lines; held-out sets, `eval/geometry/...`, as dots)."""
+    panels = (
+        ("uniformity", "uniformity (lower: spread over the sphere)"),
+        ("alignment", "alignment (lower: partners closer)"),
+        ("gap", "modality gap (centroid distance)"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (what, title) in zip(axes, panels):
+        for name, (steps, values) in _series(rows, f"geometry/{what}/").items():
+            line = ax.plot(steps, values, label=name)[0]
+            held = _series(rows, f"eval/geometry/{what}/").get(name)
+            if held:
+                ax.plot(*held, "o", color=line.get_color())
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_space(embedded: dict[str, Any], path: Path, n: int = 400) -> None:
+    """The held-out embeddings of every modality in one 2-D view (PCA of them all together), coloured
+    by modality, partners joined by faint lines: modalities in separate clouds is the gap, one tight
+    blob a collapse."""
+    names = list(embedded["embeddings"])
+    kept = {m: embedded["mask"][m].nonzero().flatten()[:n] for m in names}
+    stacked = torch.cat([embedded["embeddings"][m][kept[m]].float() for m in names])
+    if len(stacked) < 3:
+        return
+    centred = stacked - stacked.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    points = centred @ v[:2].T
+    fig, ax = plt.subplots(figsize=(7, 6))
+    offset, where = 0, {}
+    for m in names:
+        count = len(kept[m])
+        xy = points[offset : offset + count]
+        where[m] = dict(zip(kept[m].tolist(), xy.tolist()))
+        ax.scatter(xy[:, 0], xy[:, 1], s=8, alpha=0.6, label=f"{m} ({count})")
+        offset += count
+    if len(names) >= 2:
+        a, b = names[0], names[1]
+        for row in list(set(where[a]) & set(where[b]))[:100]:
+            ax.plot(*zip(where[a][row], where[b][row]), color="grey", alpha=0.15, linewidth=0.5)
+    ax.set(title="held-out embeddings, first two principal components", xlabel="PC 1", ylabel="PC 2")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(run_dir: Path, rows: Sequence[dict[str, Any]], embedded: dict[str, Any] | None = None) -> list[Path]:
-    """curves.png, recall.png and (with eval embeddings) similarity.png in `run_dir`."""
+    """curves.png, recall.png, geometry.png and (with eval embeddings) space.png and similarity.png in
+    `run_dir`."""
     written = []
     if any("loss" in r for r in rows):
         plot_curves(rows, run_dir / "curves.png")
@@ -103,7 +158,12 @@ def write_plots(run_dir: Path, rows: Sequence[dict[str, Any]], embedded: dict[st
     if any(k.startswith("eval/") for r in rows for k in r):
         plot_recall(rows, run_dir / "recall.png")
         written.append(run_dir / "recall.png")
+    if any(k.startswith("geometry/") for r in rows for k in r):
+        plot_geometry(rows, run_dir / "geometry.png")
+        written.append(run_dir / "geometry.png")
     if embedded:
+        plot_space(embedded, run_dir / "space.png")
+        written.append(run_dir / "space.png")
         names = list(embedded["embeddings"])
         for i, x in enumerate(names):
             for y in names[i + 1 :]:

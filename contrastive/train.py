@@ -233,6 +233,8 @@ def train_loop(
         if hooks.record_keys is not None:
             hooks.record_keys(state.step + 1, [k for b in micro for k in b["__key__"] if k])
 
+        # the steps that log also measure: the batch's geometry, the gradients' shares and norms
+        engine.measure = (state.step + 1) % settings.log_every == 0 or state.step + 1 == end
         logs, finite, applied = engine.train_step(micro)
         if applied:
             bad_in_a_row = 0

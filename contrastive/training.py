@@ -44,6 +44,7 @@ from contrastive.engine import Engine, EngineConfig, deepspeed_config
 from contrastive.evaluation import EvalConfig, Evaluator, eval_sets, format_table
 from contrastive.export import export_checkpoint
 from contrastive.flops import peak_flops, training_flops_per_sample
+from contrastive.geometry import geometry
 from contrastive.loss import LossSettings
 from contrastive.model import ContrastiveObjective, ModelConfig
 from contrastive.optim import OptimConfig
@@ -295,6 +296,10 @@ def save(run: Run, state: TrainState) -> Path:
 def evaluate(run: Run, step: int) -> dict[str, float]:
     """Every eval set at `step` (collective): metrics `eval/...`, the table and the plots."""
     metrics, embedded = run.evaluator(run.objective.model, run.dist.device)
+    first = next(iter(embedded.values()), None)
+    if first is not None:  # the held-out space's geometry, beside the training batches'
+        pairs = run.objective.loss.pairs
+        metrics.update(geometry(first["embeddings"], first["mask"], pairs))
     out = run.evaluations[step] = {f"eval/{k}": v for k, v in metrics.items()}
     if run.dist.is_main:
         where = ", ".join(f"{s.name or 'data.eval'} ({redact(s.shards)})" for s in run.evaluator.sets)
@@ -302,7 +307,6 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
             f"\nFAILED eval set {name} (left out): {error}" for name, error in run.evaluator.failed.items()
         )
         log.info("evaluation at step %d on %s\n%s%s", step, where, format_table(metrics), failed)
-        first = next(iter(embedded.values()), None)
         write_plots(run.run_dir, read_metrics(run.run_dir) + [{"step": step, **out}], first)
     return out
 

@@ -78,6 +78,7 @@ def embed_dataset(
     device: torch.device,
     max_samples: int = 0,
     autocast: Callable[[], Any] | None = None,
+    modalities: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every sample of `dataset` (all ranks' shares), padding dropped (a value seen in several views, a
     long clip's windows, embedded as their average):
@@ -88,7 +89,7 @@ def embed_dataset(
     """
     was_training = model.training
     model.eval()
-    names = list(model.encoders)
+    names = modalities or list(model.encoders)  # `modalities`: each embedded as if the others were absent
     chunks: dict[str, list] = {n: [] for n in names}
     masks: dict[str, list] = {n: [] for n in names}
     extra_emb: dict[str, list] = {n: [] for n in names}

@@ -125,7 +125,10 @@ class Evaluator:
                 probe_train = None
                 if s.name in self.probe_datasets:
                     probe_train = embed_dataset(model, self.probe_datasets[s.name], device=device, autocast=autocast)
-                return set_metrics(model, found, s, self.settings, probe_train), found
+                metrics = set_metrics(model, found, s, self.settings, probe_train)
+                if self.settings.missing_modality_check and "retrieval" in s.tasks:
+                    metrics.update(self.missing_modality_check(model, s, found, device, autocast))
+                return metrics, found
 
             done = self._guarded(eval_set, evaluate)
             if done is not None:
@@ -133,11 +136,36 @@ class Evaluator:
                 embedded[eval_set.name] = done[1]
         return metrics, embedded
 
+    def missing_modality_check(self, model, s, found, device, autocast) -> dict[str, float]:
+        return _alone(self, model, s, found, device, autocast)
+
+
+def _alone(evaluator: "Evaluator", model, s, found, device, autocast) -> dict[str, float]:
+    """Each modality embedded with the others absent: the largest change of any embedding, and the
+    retrieval R@1 of every pair from those embeddings (equal to the joint ones for independent towers)."""
+    names = list(found["embeddings"])
+    alone = {
+        m: embed_dataset(
+            model,
+            evaluator.datasets[s.name],
+            device=device,
+            max_samples=s.max_samples,
+            autocast=autocast,
+            modalities=[m],
+        )["embeddings"][m]
+        for m in names
+    }
+    change = max(float((alone[m] - found["embeddings"][m]).abs().max()) if len(alone[m]) else 0.0 for m in names)
+    again = retrieval_metrics({**found, "embeddings": alone}, text_modality=evaluator.settings.text_modality)
+    out = {"missing_modality/max_change": change}
+    out.update({f"missing_modality/{k}": v for k, v in again.items() if k.endswith("/R@1")})
+    return out
+
 
 def format_table(metrics: Mapping[str, float]) -> str:
     """Readable tables of the metrics, a section per named set, with chance levels beside the figures."""
-    names = sorted({k.split("/", 1)[0] for k in metrics if k.split("/", 1)[0] not in SECTIONS})
-    blocks = [_table({k: v for k, v in metrics.items() if k.split("/", 1)[0] in SECTIONS})]
+    names = sorted({k.split("/", 1)[0] for k in metrics if k.split("/", 1)[0] not in SECTIONS + CHECKS})
+    blocks = [_table({k: v for k, v in metrics.items() if k.split("/", 1)[0] in SECTIONS + CHECKS})]
     for name in names:
         blocks.append(
             f"== eval set {name} ==\n"
@@ -147,6 +175,7 @@ def format_table(metrics: Mapping[str, float]) -> str:
 
 
 SECTIONS = ("zero_shot", "retrieval", "linear_probe")
+CHECKS = ("geometry", "missing_modality")  # the held-out set's geometry, the missing-modality check
 
 
 def _pct(value: float | None) -> str:
@@ -180,4 +209,16 @@ def _table(metrics: Mapping[str, float]) -> str:
             lines.append(
                 f"  {p:<22} {r[0]:6.1%} {r[1]:6.1%} {r[2]:6.1%}  {r[3]:8.1f}     {label}  {n:5d}  ({1 / max(n, 1):.2%})"
             )
+    worst = {
+        k.split("/")[1]: v
+        for k, v in metrics.items()
+        if k.startswith("zero_shot/") and k.endswith("/worst_class_recall")
+    }
+    if worst:
+        lines.append("  worst class recall: " + ", ".join(f"{p} {_pct(v).strip()}" for p, v in sorted(worst.items())))
+    if "missing_modality/max_change" in metrics:
+        lines.append(f"missing-modality check: largest embedding change {metrics['missing_modality/max_change']:.2e}")
+    gaps = {k.split("/")[2]: v for k, v in metrics.items() if k.startswith("geometry/gap/")}
+    if gaps:
+        lines.append("geometry (held-out): gap " + ", ".join(f"{p} {v:.3f}" for p, v in sorted(gaps.items())))
     return "\n".join(lines)

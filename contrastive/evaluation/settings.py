@@ -42,3 +42,6 @@ class EvalConfig:
     # <name>: the fields of EvalSet; each is reported under eval/<name>/..., beside data.eval's eval/...
     sets: Dict[str, Any] = field(default_factory=dict)
     probe_cs: List[float] = field(default_factory=lambda: list(PROBE_CS))
+    # retrieval again with each modality embedded alone, as if a sample's others were absent: the
+    # towers are independent, so nothing may change (missing_modality/max_change); costs a pass each
+    missing_modality_check: bool = False

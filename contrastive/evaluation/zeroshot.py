@@ -89,5 +89,22 @@ def zero_shot_metrics(
         rows = embedded["mask"][name] & (target >= 0)
         if name != text_modality and bool(rows.any()):
             found = classification_metrics(emb[rows] @ classes.T, target[rows])
+            found.update(per_class_recall((emb[rows] @ classes.T).argmax(dim=1), target[rows], classnames))
             metrics.update({f"zero_shot/{name}->{text_modality}/{k}": v for k, v in found.items()})
     return metrics
+
+
+PER_CLASS_MAX = 100  # classes up to which each one's recall is a metric of its own
+
+
+def per_class_recall(pred: torch.Tensor, target: torch.Tensor, classnames: Sequence[str]) -> dict[str, float]:
+    """The worst and best class's recall (so an imbalance between classes shows), and with at most
+    PER_CLASS_MAX classes, each class's (`class/<name>`)."""
+    recalls = {}
+    for c in target.unique().tolist():
+        rows = target == c
+        recalls[classnames[c]] = float((pred[rows] == c).float().mean())
+    out = {"worst_class_recall": min(recalls.values()), "best_class_recall": max(recalls.values())}
+    if len(classnames) <= PER_CLASS_MAX:
+        out.update({f"class/{name.replace('/', '_')}": r for name, r in recalls.items()})
+    return out

@@ -55,6 +55,11 @@ class LossSettings:
     # "<a>-<b>": fields of Temperature that differ for that pair, e.g. {init: 0.05, learnable: false}
     temperatures: Dict[str, Any] = field(default_factory=dict)
     label_aware: bool = False  # samples with the same json label are no negatives of each other
+    # adaptive pair weights on top of `weights` (contrastive.loss.balance): none | progress | gradnorm
+    balance: str = "none"
+    balance_alpha: float = 1.0  # how strongly a lagging pair is favoured (rel_progress ^ alpha)
+    balance_rate: float = 0.05  # how fast the weights move, per step
+    balance_max: float = 4.0  # the weights stay within [1 / max, max]
 
 
 class PairLoss(nn.Module, ABC):
