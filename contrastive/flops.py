@@ -33,12 +33,17 @@ GPU_PEAKS = {
 }
 
 
-def training_flops_per_sample(model: ContrastiveModel) -> dict[str, float]:
-    """Forward + backward FLOPs of one sample through each tower."""
+def training_flops_per_sample(model: ContrastiveModel, *, unmasked: bool = False) -> dict[str, float]:
+    """Forward + backward FLOPs of one sample through each tower, as training computes them: with
+    patch dropout, over the tokens kept (`unmasked`: all of them, as after trainer.unmasked_steps)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from contrastive.towers import unmask
 
     with torch.device("meta"):
         meta = ContrastiveModel(model.modalities, model.embed_dim)
+    if unmasked:
+        unmask(meta)
     out = {}
     for name, modality in model.modalities.items():
         x = modality.empty()[None].to("meta")

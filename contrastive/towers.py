@@ -341,3 +341,14 @@ def apply_tower_settings(model: Any, settings: Mapping[str, TowerSettings | Mapp
             # In place (nn.Module.compile): parameter names, checkpoints and exports stay as they are.
             # The first steps pay the compilation (inductor; needs a C++ compiler on CPU).
             model.encoders[name].compile(**({} if tower.compile is True else dict(tower.compile)))
+
+
+def unmask(model: nn.Module) -> int:
+    """Turns off every patch dropout in `model` (open_clip's and timm's PatchDropout: FLIP's unmasked
+    tuning at the end of training, `trainer.unmasked_steps`); returns how many were on."""
+    on = 0
+    for module in model.modules():
+        if type(module).__name__ == "PatchDropout" and getattr(module, "prob", 0.0) > 0:
+            module.prob = 0.0
+            on += 1
+    return on

@@ -34,7 +34,8 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling) | amp_bf16 (autocast)
     attention: str = "auto"  # SDPA kernels: auto | default | math | flash | efficient | cudnn (contrastive.engine)
     tf32: bool = True  # on GPUs, fp32 matmuls and convolutions in TF32 (as open_clip's trainer); cuDNN autotunes
-    threads: int = 0  # torch intra-op threads per rank; 0: on CPU, cores per rank minus loader workers
+    threads: int = 0  # torch intra-op threads per rank; 0: on CPU, measured in the first steps (contrastive.threads)
+    unmasked_steps: int = 0  # the last N steps without patch dropout (FLIP's unmasked tuning)
     log_every: int = 10  # steps between metrics rows (and log lines when stdout is not a terminal)
     eval_every: int = 0  # steps; 0 evaluates at the end only
     save_every: int = 0  # steps; 0 saves at the end only
@@ -187,6 +188,8 @@ class Hooks:
     stop_requested: Callable[[], bool] = lambda: False  # asked after every step (collective)
     check_counts: Callable[[Counter], None] = lambda counts: None  # raises when too much input was bad
     record_keys: Callable[[int, list[str]], None] | None = None  # each step's sample keys
+    unmask: Callable[[], None] = lambda: None  # patch dropout off, for the last trainer.unmasked_steps
+    after_step: Callable[[int, float], None] = lambda step, seconds: None  # each step's wall time
 
 
 def step_metrics(engine: Any, state: TrainState, logs: Mapping[str, Any], loss: float, progress: Progress) -> dict:
@@ -223,7 +226,11 @@ def train_loop(
     local_counts: Counter = Counter()
     bad_in_a_row = 0
     engine.train()
+    unmasked = False
     while state.step < end:
+        if settings.unmasked_steps and not unmasked and state.step >= settings.max_steps - settings.unmasked_steps:
+            hooks.unmask()  # also after a resume past the point
+            unmasked = True
         t0 = time.perf_counter()
         # the loader's position advances with each batch handed out
         micro = [next(batches) for _ in range(settings.accumulate)]
@@ -254,13 +261,11 @@ def train_loop(
                 )
         state.step += 1
         loss = float(sum(v for k, v in logs.items() if k.startswith("loss/")))
+        seconds = time.perf_counter() - t0
         progress.step(
-            state.step,
-            samples=sum(len(b["__key__"]) for b in micro),
-            data_seconds=t_data,
-            seconds=time.perf_counter() - t0,
-            loss=loss,
+            state.step, samples=sum(len(b["__key__"]) for b in micro), data_seconds=t_data, seconds=seconds, loss=loss
         )
+        hooks.after_step(state.step, seconds)
 
         if state.step % settings.log_every == 0 or state.step == end:
             state.counts.update(sum_counts(local_counts))

@@ -51,7 +51,8 @@ from contrastive.optim import OptimConfig
 from contrastive.plots import write_plots
 from contrastive.preemption import StopRequest
 from contrastive.progress import Progress
-from contrastive.towers import apply_tower_settings, load_released_weights
+from contrastive.threads import ThreadChoice, candidates
+from contrastive.towers import apply_tower_settings, load_released_weights, unmask
 from contrastive.tracking import LoggerConfig, MetricsLogger, read_metrics
 from contrastive.train import Hooks, TrainerConfig, TrainState, replay_settings, resumed_state, train_loop
 
@@ -92,6 +93,7 @@ class Run:
     evaluator: Evaluator | None
     remote: RemoteCheckpoints | None
     checkpoint: Path | None  # the one to resume from
+    threads: ThreadChoice | None = None  # trainer.threads=0 on CPU: the thread count being measured
     logger: MetricsLogger | None = None
     stop: StopRequest = field(default_factory=StopRequest)
     evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -116,7 +118,11 @@ def build_run(spec: RunSpec, run_dir: Path) -> Run:
     dist = init_distributed(trainer.device, timeout=trainer.dist_timeout)
     run_dir = same_on_every_rank(run_dir)
     cpus = check_allocation(dist, num_workers=data.num_workers)
-    torch.set_num_threads(compute_threads(trainer.threads, dist, data.num_workers, cpus))
+    threads = None
+    if trainer.threads or dist.device.type != "cpu":
+        torch.set_num_threads(compute_threads(trainer.threads, dist, data.num_workers, cpus))
+    else:  # measured in the first steps (contrastive.threads)
+        threads = ThreadChoice(candidates(cpus, data.num_workers))
     torch.manual_seed(trainer.seed)
     configure_storage(data.storage_options)  # fsspec options for remote shards and checkpoints
     if data.train is None:
@@ -133,7 +139,7 @@ def build_run(spec: RunSpec, run_dir: Path) -> Run:
     train_set = build_dataset(data.train, modalities, data, train=True, **where)
     sets = eval_sets(spec.eval, data.eval)
     evaluator = Evaluator(sets, modalities, spec.eval, data, **where) if sets else None
-    return Run(spec, run_dir, dist, objective, engine, train_set, evaluator, remote, checkpoint)
+    return Run(spec, run_dir, dist, objective, engine, train_set, evaluator, remote, checkpoint, threads)
 
 
 def build_engine(spec: RunSpec, dist: DistInfo, *, load_universal: bool = False) -> tuple[ContrastiveObjective, Engine]:
@@ -169,9 +175,8 @@ def build_engine(spec: RunSpec, dist: DistInfo, *, load_universal: bool = False)
 
 
 def compute_threads(requested: int, dist: DistInfo, loader_workers: int, cpus: int) -> int:
-    """torch's intra-op threads for this rank: as asked, or (0) on CPU the rank's `cpus` minus its
-    loader workers, which need cores of their own (2 cores: 1.6x the samples/s of torch's default,
-    which oversubscribes them)."""
+    """torch's intra-op threads for this rank: as asked, torch's own on a GPU, or (0 on CPU, where
+    the run measures instead: contrastive.threads) the rank's `cpus` minus its loader workers."""
     if requested:
         return requested
     if dist.device.type != "cpu":
@@ -236,10 +241,21 @@ def train(run: Run, state: TrainState) -> TrainState:
         enabled=dist.is_main,
     )
     stream = batches(run.train_set, state.position, pin_memory=dist.device.type == "cuda")
+    loop_hooks = hooks(run)
+    loop_hooks.unmask = lambda: unmask_towers(run, progress)
+    if run.threads is not None:
+        loop_hooks.after_step = run.threads
     try:
-        return train_loop(run.engine, stream, state, trainer, hooks(run), run.logger, progress)
+        return train_loop(run.engine, stream, state, trainer, loop_hooks, run.logger, progress)
     finally:
         stream.close()  # stops the loader's workers, whatever ended the loop
+
+
+def unmask_towers(run: Run, progress: Progress) -> None:
+    """FLIP's unmasked tuning: patch dropout off for the rest of training, MFU counted on every token."""
+    if unmask(run.objective.model):
+        progress.flops_per_sample = sum(training_flops_per_sample(run.objective.model, unmasked=True).values())
+        log.info("patch dropout off for the last %d steps (trainer.unmasked_steps)", run.spec.trainer.unmasked_steps)
 
 
 def open_loggers(run: Run) -> None:

@@ -170,3 +170,38 @@ def test_hand_written_towers_are_the_ones_open_clips_clip_builds_for_their_confi
         for mine, theirs in zip(ours, (clip.visual, clip.text)):
             assert repr(mine) == repr(theirs)
             assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+
+
+def test_patch_dropout_in_the_audio_and_image_towers_and_its_unmasked_end(demo_data, tmp_path):
+    from contrastive.flops import training_flops_per_sample
+    from contrastive.modalities import build_modality
+    from contrastive.model import ContrastiveModel
+    from contrastive.towers import unmask
+
+    from conftest import run_cli, tiny_overrides
+
+    mods = {m: build_modality(m, **{**TINY[m], "patch_dropout": 0.5}) for m in ("image", "audio")}
+    torch.manual_seed(0)
+    model = ContrastiveModel(mods, 16)
+    masked = training_flops_per_sample(model)
+    whole = training_flops_per_sample(model, unmasked=True)
+    plain = training_flops_per_sample(ContrastiveModel({m: build_modality(m, **TINY[m]) for m in mods}, 16))
+    assert whole == plain  # every token
+    for m in mods:  # the kept half of the patches (and the class token) through every block
+        assert 0.45 < masked[m] / whole[m] < 0.7, (m, masked[m], whole[m])
+    x = {m: torch.randn(2, *mods[m].empty().shape) for m in mods}
+    model.eval()
+    assert torch.equal(model.encode("audio", x["audio"]), model.encode("audio", x["audio"]))  # no dropout in eval
+    model.train()
+    assert not torch.equal(model.encode("audio", x["audio"]), model.encode("audio", x["audio"]))
+    assert unmask(model) == 2 and unmask(model) == 0
+    assert torch.equal(model.encode("audio", x["audio"]), model.encode("audio", x["audio"]))
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "contrastive-train",
+        *tiny_overrides(
+            demo_data, run_dir, "modality.audio.patch_dropout=0.5", "trainer.unmasked_steps=2", "export=false"
+        ),
+    )
+    assert "patch dropout off for the last 2 steps" in proc.stdout + proc.stderr

@@ -62,6 +62,9 @@ class Audio(Modality):
     pre_norm: bool = False  # a norm before the blocks (CLIP's ln_pre): needed to start from an image ViT
     eval_windows: int = 1  # evaluation and embed: windows averaged over a longer clip (ImageBind: 3)
     pad: str = "zeros"  # a shorter clip: zeros | repeat (CLAP's repeat-pad)
+    # training only: this fraction of the spectrogram's patches dropped at random (FLIP, AudioMAE's
+    # random masking: timm's PatchDropout); trainer.unmasked_steps turns it off for the last steps
+    patch_dropout: float = 0.0
 
     def __post_init__(self):
         self._fbank = None  # (window length, shift, FFT size, window, mel banks), built on first use
@@ -163,6 +166,7 @@ class Audio(Modality):
             mlp_ratio=self.mlp_ratio,
             global_pool="token",
             pre_norm=self.pre_norm,
+            patch_drop_rate=self.patch_dropout,
         )
 
     @property
