@@ -69,7 +69,7 @@ def main() -> None:
         found: dict[str, list[float]] = {str(t): [] for t in fixed + [0]}
         for _ in range(args.repeats):  # alternating: the machine's noise falls on each alike
             for t in fixed + [0]:
-                found[str(t)].append(samples_per_s(data, t, extra, args.steps, args.out / name.split()[0]))
+                found[str(t)].append(samples_per_s(data, t, extra, args.steps, args.out / name.split()[0].strip(",")))
         means = {t: mean(v) for t, v in found.items()}
         best = max(means[str(t)] for t in fixed)
         result["runs"][name] = {"samples_per_s": means, "auto_over_best_fixed": means["0"] / best}

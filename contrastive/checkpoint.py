@@ -203,10 +203,12 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     keep_last: int = 2,
     remote: RemoteCheckpoints | None = None,
+    files: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it. `meta` (JSON) is rank 0's record of the run's state;
-    `rank_state` is this rank's own (RNG states). With `remote`, the previous checkpoint's upload is
-    awaited first and this one's starts in the background on rank 0."""
+    `rank_state` is this rank's own (RNG states); `files`: name -> a function rank 0 calls with the
+    path to write that file of the checkpoint (the weights' average). With `remote`, the previous
+    checkpoint's upload is awaited first and this one's starts in the background on rank 0."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step:08d}"
     partial = root / PARTIAL
@@ -224,6 +226,8 @@ def save_checkpoint(
     final = root / tag
 
     def complete() -> None:
+        for name, write in (files or {}).items():
+            write(partial / tag / name)
         (partial / tag / MARKER).write_text(json.dumps({"step": step, **meta}, indent=1, default=str) + "\n")
         if final.exists():
             shutil.rmtree(final)

@@ -105,7 +105,7 @@ def as_schema(cfg: Any) -> DictConfig:
 
 # Free-form dicts a user fills with keys of their own: assigned whole from the command line, with or
 # without `+` (`data.storage_options={s3: {endpoint_url: ...}}`), as the README writes them.
-OPEN_DICTS = ("data.storage_options", "data.modality_dropout")
+OPEN_DICTS = ("data.storage_options", "data.modality_dropout", "trainer.ema")
 
 
 def register_configs() -> None:

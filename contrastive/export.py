@@ -149,12 +149,30 @@ def objective_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[Contrastiv
     return objective.eval(), meta
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def exported_metrics(metrics: Mapping[str, float], *, ema: bool) -> dict[str, float]:
+    """The checkpoint's final figures for the weights exported: the live weights' `eval/...`, or the
+    average's `eval/ema/...`."""
+    if ema:
+        return {k.removeprefix("eval/ema/"): v for k, v in metrics.items() if k.startswith("eval/ema/")}
+    return {k.removeprefix("eval/"): v for k, v in metrics.items() if not k.startswith("eval/ema/")}
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = False) -> Path:
     """A training checkpoint -> an export directory: what training writes at its end and what
-    `contrastive-export` writes, the same bytes for the same checkpoint."""
+    `contrastive-export` writes, the same bytes for the same checkpoint. With `ema`, the model's
+    weights are the checkpoint's average of them (trainer.ema; contrastive.ema)."""
     from contrastive.towers import merge_lora
 
     objective, meta = objective_from_checkpoint(checkpoint)
+    if ema:
+        from safetensors.torch import load_file
+
+        from contrastive.ema import EMA_FILE
+
+        averaged = Path(checkpoint) / EMA_FILE
+        if not averaged.exists():
+            raise FileNotFoundError(f"{checkpoint} holds no weights' average ({EMA_FILE}): train with trainer.ema")
+        objective.model.load_state_dict({**objective.model.state_dict(), **load_file(str(averaged))})
     merge_lora(objective.model)  # the plain towers' keys, adapters folded in: loadable anywhere
     cfg, state = meta["config"], meta["state"]
     layout = meta.get("data_layout", {})
@@ -167,6 +185,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
         "epochs_seen": state["position"]["epoch"],
         "samples_seen": state["counts"].get("samples", 0),
         "zero_stage": cfg["engine"]["zero_stage"],
+        "weights": "ema" if ema else "live",
         "precision": cfg["trainer"]["precision"],
     }
     with torch.no_grad():
@@ -177,7 +196,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
         logit_scales=scales,
         info=info,
         prompts=list(cfg["eval"]["prompts"]),
-        metrics={k.removeprefix("eval/"): v for k, v in meta.get("metrics", {}).items()},
+        metrics=exported_metrics(meta.get("metrics", {}), ema=ema),
     )
 
 

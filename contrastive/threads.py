@@ -14,6 +14,8 @@ from statistics import median
 
 import torch
 
+from contrastive.distributed import DistInfo
+
 log = logging.getLogger("contrastive")
 
 
@@ -51,3 +53,13 @@ class ThreadChoice:
                 self.chosen,
             )
         torch.set_num_threads(self.current)
+
+
+def compute_threads(requested: int, dist: DistInfo, loader_workers: int, cpus: int) -> int:
+    """torch's intra-op threads for this rank: as asked, torch's own on a GPU, or (0 on CPU, where
+    the run measures instead: contrastive.threads) the rank's `cpus` minus its loader workers."""
+    if requested:
+        return requested
+    if dist.device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, cpus - loader_workers)

@@ -74,3 +74,15 @@ def _plain(value: Any) -> Any:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class KeyRecorder:
+    """Appends each step's sample keys to <run>/keys/rank<r>.jsonl (an audit of what trained when)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = run_dir / "keys" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, keys: list[str]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "keys": keys}) + "\n")

@@ -10,7 +10,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
 from contrastive.data.decode import PER_SHARD, broken_shards
 from contrastive.data.pipeline import DataPosition, ShardDataset
@@ -36,6 +36,9 @@ class TrainerConfig:
     tf32: bool = True  # on GPUs, fp32 matmuls and convolutions in TF32 (as open_clip's trainer); cuDNN autotunes
     threads: int = 0  # torch intra-op threads per rank; 0: on CPU, measured in the first steps (contrastive.threads)
     unmasked_steps: int = 0  # the last N steps without patch dropout (FLIP's unmasked tuning)
+    # the weights' moving average (contrastive.ema): {decay: 0.9998, start_step: 0, every: 1, export: false};
+    # empty: none
+    ema: Dict[str, Any] = field(default_factory=dict)
     log_every: int = 10  # steps between metrics rows (and log lines when stdout is not a terminal)
     eval_every: int = 0  # steps; 0 evaluates at the end only
     save_every: int = 0  # steps; 0 saves at the end only

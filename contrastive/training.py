@@ -11,7 +11,6 @@ became (contrastive.cli.train reads the config; nothing here does).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from contrastive.data.shards import DataError
 from contrastive.data.storage import configure_storage, redact
 from contrastive.distributed import DistInfo, init_distributed, run_on_main, same_on_every_rank
 from contrastive.ds_checkpoint import needs_universal, optimizer_moments
+from contrastive.ema import EMA_FILE, WeightEma, ema_settings
 from contrastive.engine import Engine, EngineConfig, deepspeed_config
 from contrastive.evaluation import EvalConfig, Evaluator, eval_sets, format_table
 from contrastive.export import export_checkpoint
@@ -51,9 +51,9 @@ from contrastive.optim import OptimConfig
 from contrastive.plots import write_plots
 from contrastive.preemption import StopRequest
 from contrastive.progress import Progress
-from contrastive.threads import ThreadChoice, candidates
+from contrastive.threads import ThreadChoice, candidates, compute_threads
 from contrastive.towers import apply_tower_settings, load_released_weights, unmask
-from contrastive.tracking import LoggerConfig, MetricsLogger, read_metrics
+from contrastive.tracking import KeyRecorder, LoggerConfig, MetricsLogger, read_metrics
 from contrastive.train import Hooks, TrainerConfig, TrainState, replay_settings, resumed_state, train_loop
 
 log = logging.getLogger("contrastive")
@@ -94,6 +94,7 @@ class Run:
     remote: RemoteCheckpoints | None
     checkpoint: Path | None  # the one to resume from
     threads: ThreadChoice | None = None  # trainer.threads=0 on CPU: the thread count being measured
+    ema: WeightEma | None = None  # trainer.ema: the weights' average
     logger: MetricsLogger | None = None
     stop: StopRequest = field(default_factory=StopRequest)
     evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -139,7 +140,9 @@ def build_run(spec: RunSpec, run_dir: Path) -> Run:
     train_set = build_dataset(data.train, modalities, data, train=True, **where)
     sets = eval_sets(spec.eval, data.eval)
     evaluator = Evaluator(sets, modalities, spec.eval, data, **where) if sets else None
-    return Run(spec, run_dir, dist, objective, engine, train_set, evaluator, remote, checkpoint, threads)
+    ema_cfg = ema_settings(trainer.ema)
+    ema = WeightEma(objective.model, ema_cfg) if ema_cfg else None
+    return Run(spec, run_dir, dist, objective, engine, train_set, evaluator, remote, checkpoint, threads, ema)
 
 
 def build_engine(spec: RunSpec, dist: DistInfo, *, load_universal: bool = False) -> tuple[ContrastiveObjective, Engine]:
@@ -174,16 +177,6 @@ def build_engine(spec: RunSpec, dist: DistInfo, *, load_universal: bool = False)
     return objective, engine
 
 
-def compute_threads(requested: int, dist: DistInfo, loader_workers: int, cpus: int) -> int:
-    """torch's intra-op threads for this rank: as asked, torch's own on a GPU, or (0 on CPU, where
-    the run measures instead: contrastive.threads) the rank's `cpus` minus its loader workers."""
-    if requested:
-        return requested
-    if dist.device.type != "cpu":
-        return torch.get_num_threads()
-    return max(1, cpus - loader_workers)
-
-
 # -- resume -----------------------------------------------------------------------------------------
 
 
@@ -195,6 +188,8 @@ def resume(run: Run) -> TrainState:
         return TrainState()
     state = resumed_state(read_meta(checkpoint), run.train_set, accumulate=trainer.accumulate)
     _, mine = load_checkpoint(checkpoint, run.engine, timeout=trainer.transfer_timeout)
+    if run.ema is not None:
+        run.ema.load(checkpoint / EMA_FILE)
     if "rng" in mine:
         set_rng_state(mine["rng"])
     else:  # a rank the saving run did not have
@@ -243,12 +238,19 @@ def train(run: Run, state: TrainState) -> TrainState:
     stream = batches(run.train_set, state.position, pin_memory=dist.device.type == "cuda")
     loop_hooks = hooks(run)
     loop_hooks.unmask = lambda: unmask_towers(run, progress)
-    if run.threads is not None:
-        loop_hooks.after_step = run.threads
+    loop_hooks.after_step = lambda step, seconds: after_step(run, step, seconds)
     try:
         return train_loop(run.engine, stream, state, trainer, loop_hooks, run.logger, progress)
     finally:
         stream.close()  # stops the loader's workers, whatever ended the loop
+
+
+def after_step(run: Run, step: int, seconds: float) -> None:
+    """After every step: the thread count's measurement, the weights' average (collective)."""
+    if run.threads is not None:
+        run.threads(step, seconds)
+    if run.ema is not None:
+        run.ema.after_step(step)
 
 
 def unmask_towers(run: Run, progress: Progress) -> None:
@@ -303,15 +305,25 @@ def save(run: Run, state: TrainState) -> Path:
         "metrics": run.evaluations.get(state.step, {}),
     }
     rank_state = {"rng": rng_state()}
-    keep = trainer.keep_last
+    files = {EMA_FILE: run.ema.save} if run.ema is not None else {}
     return save_checkpoint(
-        run.run_dir, state.step, run.engine, keep_last=keep, remote=run.remote, rank_state=rank_state, meta=meta
+        run.run_dir,
+        state.step,
+        run.engine,
+        keep_last=trainer.keep_last,
+        remote=run.remote,
+        rank_state=rank_state,
+        meta=meta,
+        files=files,
     )
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
     """Every eval set at `step` (collective): metrics `eval/...`, the table and the plots."""
     metrics, embedded = run.evaluator(run.objective.model, run.dist.device)
+    if run.ema is not None and run.ema.shadow is not None:  # the average, scored beside the live weights
+        averaged, _ = run.evaluator(run.ema.averaged_model(), run.dist.device)
+        metrics.update({f"ema/{k}": v for k, v in averaged.items()})
     first = next(iter(embedded.values()), None)
     if first is not None:  # the held-out space's geometry, beside the training batches'
         pairs = run.objective.loss.pairs
@@ -325,18 +337,6 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         log.info("evaluation at step %d on %s\n%s%s", step, where, format_table(metrics), failed)
         write_plots(run.run_dir, read_metrics(run.run_dir) + [{"step": step, **out}], first)
     return out
-
-
-class KeyRecorder:
-    """Appends each step's sample keys to <run>/keys/rank<r>.jsonl (an audit of what trained when)."""
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.path = run_dir / "keys" / f"rank{rank}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, step: int, keys: list[str]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
 # -- finish -----------------------------------------------------------------------------------------
@@ -370,8 +370,9 @@ def finish(run: Run, state: TrainState) -> dict[str, float]:
             write_plots(run.run_dir, read_metrics(run.run_dir))
         summarize(state)
     if run.spec.export:  # rank 0 gathers the weights (minutes for a big ZeRO-3 model): no collective waits on it
+        averaged = run.ema is not None and run.ema.settings.export
         exported = run_on_main(
-            lambda: export_checkpoint(final, run.run_dir / "export"),
+            lambda: export_checkpoint(final, run.run_dir / "export", ema=averaged),
             what="the export",
             timeout=trainer.transfer_timeout,
         )

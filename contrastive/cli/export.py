@@ -20,6 +20,9 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its latest)")
     parser.add_argument("out_dir", help="a directory, or a URL (s3://bucket/models/mine, any fsspec URL)")
+    parser.add_argument(
+        "--ema", action="store_true", help="the weights' average (trainer.ema) instead of the live weights"
+    )
     return parser
 
 
@@ -33,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_resume(str(args.checkpoint), args.checkpoint)
     if not is_remote(args.out_dir):
-        print(f"exported {path} to {export_checkpoint(path, Path(args.out_dir))}")
+        print(f"exported {path} to {export_checkpoint(path, Path(args.out_dir), ema=args.ema)}")
         return 0
     import tempfile
 
     check_no_secrets(args.out_dir, "contrastive-export")
     with tempfile.TemporaryDirectory() as local:
-        files = upload_dir(export_checkpoint(path, Path(local) / "export"), args.out_dir)
+        files = upload_dir(export_checkpoint(path, Path(local) / "export", ema=args.ema), args.out_dir)
     print(f"exported {path} to {redact(args.out_dir)} ({files} files)")
     return 0
 

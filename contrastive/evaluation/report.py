@@ -168,7 +168,7 @@ def format_table(metrics: Mapping[str, float]) -> str:
     blocks = [_table({k: v for k, v in metrics.items() if k.split("/", 1)[0] in SECTIONS + CHECKS})]
     for name in names:
         blocks.append(
-            f"== eval set {name} ==\n"
+            ("== the weights' average (trainer.ema) ==\n" if name == "ema" else f"== eval set {name} ==\n")
             + _table({k[len(name) + 1 :]: v for k, v in metrics.items() if k.startswith(name + "/")})
         )
     return "\n".join(b for b in blocks if b.strip())
