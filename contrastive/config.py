@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from contrastive import layout
 from contrastive.credentials import find_secrets, redact, secret_message
 from contrastive.data.settings import DataConfig
+from contrastive.distill import DistillSettings
 from contrastive.engine import EngineConfig
 from contrastive.errors import ConfigError
 from contrastive.evaluation.settings import EvalConfig
@@ -56,6 +57,7 @@ class TrainConfig:
     imports: List[str] = field(default_factory=list)  # modules to import first (your modalities, losses)
     resume: Optional[str] = None  # latest | a checkpoint directory
     export: bool = True  # write export/ at the end of training
+    distill: DistillSettings = field(default_factory=DistillSettings)  # a frozen teacher (contrastive.distill)
 
 
 def validate(cfg: Any) -> None:

@@ -145,7 +145,9 @@ def objective_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[Contrastiv
     model = ContrastiveModel(modalities, cfg["model"]["embed_dim"])
     apply_structure(model, cfg["model"].get("towers") or {})  # LoRA adapters, as trained
     objective = ContrastiveObjective(model, build_loss(list(modalities), cfg["loss"]))
-    objective.load_state_dict(consolidated_state_dict(checkpoint))
+    # the distillation's projections trained beside the model; the export is the model alone
+    state = {k: v for k, v in consolidated_state_dict(checkpoint).items() if not k.startswith("distill.")}
+    objective.load_state_dict(state)
     return objective.eval(), meta
 
 

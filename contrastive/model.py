@@ -99,6 +99,7 @@ class ContrastiveObjective(nn.Module):
         super().__init__()
         self.model = model
         self.loss = loss
+        self.distill = None  # a contrastive.distill.Distillation: a frozen teacher's term beside the loss
 
     def forward(self, batch: Mapping[str, Any], embed_only: bool = False):
         """(loss, metrics); with `embed_only`, the embeddings (for cached-feature accumulation, which
@@ -107,6 +108,9 @@ class ContrastiveObjective(nn.Module):
         if embed_only:
             return embeddings
         norms = self.model.norms if getattr(self.loss, "measure", False) else None
-        if norms is None:
-            return self.loss(embeddings, batch["mask"], batch.get("label_id"))
-        return self.loss(embeddings, batch["mask"], batch.get("label_id"), norms=norms)
+        extra = {} if norms is None else {"norms": norms}
+        total, logs = self.loss(embeddings, batch["mask"], batch.get("label_id"), **extra)
+        if self.distill is not None:
+            term, more = self.distill(embeddings, batch, self.loss.scales())
+            total, logs = total + term, {**logs, **more}
+        return total, logs

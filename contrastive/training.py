@@ -37,10 +37,12 @@ from contrastive.data.pipeline import ShardDataset, batches
 from contrastive.data.settings import DataConfig
 from contrastive.data.shards import DataError
 from contrastive.data.storage import configure_storage, redact
+from contrastive.distill import Distillation, DistillSettings, check_inputs, load_teacher
 from contrastive.distributed import DistInfo, init_distributed, run_on_main, same_on_every_rank
 from contrastive.ds_checkpoint import needs_universal, optimizer_moments
 from contrastive.ema import EMA_FILE, WeightEma, ema_settings
 from contrastive.engine import Engine, EngineConfig, deepspeed_config
+from contrastive.errors import ConfigError
 from contrastive.evaluation import EvalConfig, Evaluator, eval_sets, format_table
 from contrastive.export import export_checkpoint
 from contrastive.flops import peak_flops, training_flops_per_sample
@@ -78,6 +80,7 @@ class RunSpec:
     resume: str | None = None  # latest | a checkpoint or run directory
     export: bool = True
     config: dict[str, Any] = field(default_factory=dict)  # the config as written with the run (redacted)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
 
 @dataclass
@@ -155,6 +158,12 @@ def build_engine(spec: RunSpec, dist: DistInfo, *, load_universal: bool = False)
     )
     load_released_weights(objective.model)  # modality.<name>.pretrained
     apply_tower_settings(objective.model, spec.model.towers)
+    if spec.distill.teacher:
+        if trainer.accumulate > 1:
+            raise ConfigError("distill: not with trainer.accumulate > 1 (the teacher would need every micro-batch)")
+        teacher = load_teacher(spec.distill.teacher)
+        check_inputs(teacher, objective.model.modalities)
+        objective.distill = Distillation(spec.distill, objective.loss.pairs, spec.model.embed_dim, teacher)
     objective.to(dist.device)
     optimizer, scheduler = build_optimizer(
         objective,

@@ -64,6 +64,7 @@ def run_spec(cfg: DictConfig) -> RunSpec:
         resume=cfg.resume,
         export=cfg.export,
         config=saved_config(cfg),  # every credential redacted, also one the environment brought in
+        distill=typed(cfg.distill),
     )
 
 
