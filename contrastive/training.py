@@ -31,8 +31,7 @@ from contrastive.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from contrastive.data.checks import check_bad_fraction
-from contrastive.data.decode import broken_shards
+from contrastive.data.checks import check_bad_fraction, summarize
 from contrastive.data.pipeline import ShardDataset, batches
 from contrastive.data.settings import DataConfig
 from contrastive.data.shards import DataError
@@ -377,7 +376,7 @@ def finish(run: Run, state: TrainState) -> dict[str, float]:
     if run.dist.is_main:
         if run.evaluator is None:
             write_plots(run.run_dir, read_metrics(run.run_dir))
-        summarize(state)
+        summarize(state.counts, state.skipped_steps)
     if run.spec.export:  # rank 0 gathers the weights (minutes for a big ZeRO-3 model): no collective waits on it
         averaged = run.ema is not None and run.ema.settings.export
         exported = run_on_main(
@@ -390,17 +389,3 @@ def finish(run: Run, state: TrainState) -> dict[str, float]:
     if run.dist.is_main:
         log.info("run directory: %s", run.run_dir)
     return metrics
-
-
-def summarize(state: TrainState) -> None:
-    """The run's last word on its data: samples trained on, bad input, broken shards, skipped steps."""
-    bad = {k: v for k, v in state.counts.items() if k.startswith("bad/")}
-    broken = broken_shards(state.counts)
-    log.info(
-        "data: %d samples trained on; bad input skipped and counted: %s; broken shards: %s; steps skipped "
-        "for non-finite values: %d",
-        state.counts.get("samples", 0),
-        bad or "none",
-        f"{len(broken)} ({', '.join(broken)})" if broken else "none",
-        state.skipped_steps,
-    )

@@ -8,7 +8,7 @@ import logging
 from collections import Counter
 from typing import Mapping, Sequence
 
-from contrastive.data.decode import BAD_SHARD, NOT_LOST
+from contrastive.data.decode import BAD_SHARD, NOT_LOST, broken_shards
 from contrastive.data.shards import DataError
 from contrastive.data.sources import Source, iter_tar_samples
 from contrastive.data.storage import permanent, redact
@@ -112,4 +112,18 @@ def check_bad_fraction(counts: Mapping[str, int], *, max_fraction: float, min_sl
         f"By kind: {kinds}. Worst shards: "
         + ", ".join(f"{name} ({n})" for n, name in worst)
         + ". Check them with `contrastive-data verify`, or raise data.max_bad_fraction."
+    )
+
+
+def summarize(counts: Mapping[str, int], skipped_steps: int) -> None:
+    """The run's last word on its data: samples trained on, bad input, broken shards, skipped steps."""
+    bad = {k: v for k, v in counts.items() if k.startswith("bad/")}
+    broken = broken_shards(counts)
+    log.info(
+        "data: %d samples trained on; bad input skipped and counted: %s; broken shards: %s; steps skipped "
+        "for non-finite values: %d",
+        counts.get("samples", 0),
+        bad or "none",
+        f"{len(broken)} ({', '.join(broken)})" if broken else "none",
+        skipped_steps,
     )
