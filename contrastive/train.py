@@ -192,6 +192,8 @@ class Hooks:
     check_counts: Callable[[Counter], None] = lambda counts: None  # raises when too much input was bad
     record_keys: Callable[[int, list[str]], None] | None = None  # each step's sample keys
     unmask: Callable[[], None] = lambda: None  # patch dropout off, for the last trainer.unmasked_steps
+    # after each update, inside the step's time (the weights' average: part of what a step costs)
+    after_update: Callable[[int], None] = lambda step: None
     after_step: Callable[[int, float], None] = lambda step, seconds: None  # each step's wall time
 
 
@@ -263,6 +265,7 @@ def train_loop(
                     "checkpoint predates them: lower the learning rate or check the data, then resume."
                 )
         state.step += 1
+        hooks.after_update(state.step)
         loss = float(sum(v for k, v in logs.items() if k.startswith("loss/")))
         seconds = time.perf_counter() - t0
         progress.step(

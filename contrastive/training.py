@@ -246,19 +246,14 @@ def train(run: Run, state: TrainState) -> TrainState:
     stream = batches(run.train_set, state.position, pin_memory=dist.device.type == "cuda")
     loop_hooks = hooks(run)
     loop_hooks.unmask = lambda: unmask_towers(run, progress)
-    loop_hooks.after_step = lambda step, seconds: after_step(run, step, seconds)
+    if run.ema is not None:
+        loop_hooks.after_update = run.ema.after_step
+    if run.threads is not None:
+        loop_hooks.after_step = run.threads
     try:
         return train_loop(run.engine, stream, state, trainer, loop_hooks, run.logger, progress)
     finally:
         stream.close()  # stops the loader's workers, whatever ended the loop
-
-
-def after_step(run: Run, step: int, seconds: float) -> None:
-    """After every step: the thread count's measurement, the weights' average (collective)."""
-    if run.threads is not None:
-        run.threads(step, seconds)
-    if run.ema is not None:
-        run.ema.after_step(step)
 
 
 def unmask_towers(run: Run, progress: Progress) -> None:
