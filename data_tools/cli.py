@@ -1,6 +1,7 @@
 """`contrastive-data`: make and inspect datasets in the shard format.
 
 contrastive-data demo data/demo                        # the built-in demo set (train + heldout)
+contrastive-data emoji data/emoji                      # a harder set: emoji names, unseen concepts held out
 contrastive-data shards OUT --manifest pairs.csv       # columns key,image,audio,text,text_path,label
 contrastive-data shards OUT --folder raw/ --workers 8  # files paired by stem: dog.jpg dog.flac dog.txt
 contrastive-data verify OUT                            # decode everything; non-zero exit if corrupt
@@ -34,6 +35,16 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--copies", type=int, default=2, help="training samples per digit image")
     demo.add_argument("--max-images", type=int, default=0, help="cap on training images (0 = all 1437)")
     demo.add_argument("--shard-size", type=int, default=400, help="samples per shard")
+
+    emoji = sub.add_parser("emoji", help="write the emoji set (unseen concepts held out; benchmarks/quality.py)")
+    emoji.add_argument("out_dir")
+    emoji.add_argument("--seed", type=int, default=0)
+    emoji.add_argument("--copies", type=int, default=4, help="training samples per concept")
+    emoji.add_argument("--heldout-copies", type=int, default=2, help="held-out samples per concept")
+    emoji.add_argument("--heldout-fraction", type=float, default=0.2, help="share of concepts held out")
+    emoji.add_argument("--size", type=int, default=64, help="image side in pixels")
+    emoji.add_argument("--max-concepts", type=int, default=0, help="cap on concepts (0 = all, about 1,350)")
+    emoji.add_argument("--shard-size", type=int, default=500, help="samples per shard")
 
     shards = sub.add_parser("shards", help="build shards from a manifest or a folder")
     shards.add_argument("out_dir")
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(args)
-    except (DataError, OSError) as e:
+    except (DataError, OSError, RuntimeError) as e:  # RuntimeError: a missing Debian package, named
         print(f"contrastive-data {args.command}: {e}", file=sys.stderr)
         return 2
 
@@ -104,18 +115,35 @@ def run(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](args, time.time())
 
 
+def written(what: str, out_dir: str, counts: dict[str, int], start: float) -> int:
+    splits = ", ".join(f"{k} {v} samples" for k, v in counts.items())
+    print(f"{what} data in {out_dir}: {splits} ({time.time() - start:.0f} s)")
+    return 0
+
+
 def run_demo(args: argparse.Namespace, start: float) -> int:
     from contrastive.data_tools.demo import build_demo
 
     counts = build_demo(
         args.out_dir, seed=args.seed, copies=args.copies, max_images=args.max_images, shard_size=args.shard_size
     )
-    print(
-        f"demo data in {args.out_dir}: "
-        + ", ".join(f"{k} {v} samples" for k, v in counts.items())
-        + f" ({time.time() - start:.0f} s)"
+    return written("demo", args.out_dir, counts, start)
+
+
+def run_emoji(args: argparse.Namespace, start: float) -> int:
+    from contrastive.data_tools.emoji import build_emoji
+
+    counts = build_emoji(
+        args.out_dir,
+        seed=args.seed,
+        copies=args.copies,
+        heldout_copies=args.heldout_copies,
+        heldout_fraction=args.heldout_fraction,
+        size=args.size,
+        max_concepts=args.max_concepts,
+        shard_size=args.shard_size,
     )
-    return 0
+    return written("emoji", args.out_dir, counts, start)
 
 
 def run_shards(args: argparse.Namespace, start: float) -> int:
@@ -202,6 +230,7 @@ def run_stats(args: argparse.Namespace, start: float) -> int:
 
 COMMANDS = {
     "demo": run_demo,
+    "emoji": run_emoji,
     "shards": run_shards,
     "verify": run_verify,
     "benchmark": run_benchmark,

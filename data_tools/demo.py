@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,18 @@ def available_variants() -> set[str]:
     return names
 
 
+def speakers() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (accent, variant) speakers of the training and of the held-out split: never the same."""
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng; scripts/install.sh does it)")
+    variants = available_variants()
+    train = [(lang, v) for lang in TRAIN_LANGS for v in TRAIN_VARIANTS if v in variants]
+    held = [(lang, v) for lang in HELDOUT_LANGS for v in HELDOUT_VARIANTS if v in variants]
+    if not train or not held:
+        raise RuntimeError(f"espeak-ng offers too few voice variants: {sorted(variants)}")
+    return train, held
+
+
 def random_voice(speakers: list[tuple[str, str]], rng: random.Random) -> Voice:
     """A speaker (accent, variant) at a random speed and pitch: every clip of the set is unique."""
     lang, variant = rng.choice(speakers)
@@ -112,7 +125,10 @@ def encode_audio(wave: np.ndarray, fmt: str) -> bytes:
 def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
     """An 8x8 digit (values 0..16, ink high) -> a 32x32 dark-on-light RGB image."""
     gray = (255 - pixels * (255 / 16)).clip(0, 255).astype(np.uint8)
-    img = Image.fromarray(gray, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB")
+    return encode_pil(Image.fromarray(gray, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB"), fmt)
+
+
+def encode_pil(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format={"png": "PNG", "jpg": "JPEG"}[fmt], **({"quality": 95} if fmt == "jpg" else {}))
     return buf.getvalue()
@@ -128,27 +144,38 @@ def build_split(name, images, targets, speakers, templates, copies, drop, rng, o
     log.info("demo %s: %d samples from %d images, %d speakers", name, len(rows), len(images), len(speakers))
     with ThreadPoolExecutor(max_workers=8) as pool:
         clips = list(pool.map(lambda row: speak(row[2], row[3]), rows))
-    samples = []
-    for (key, pixels, word, voice), clip in zip(rows, clips):
-        sample = {
-            "__key__": key,
-            "json": {"label": word, "voice": voice.name},
-            "txt": rng.choice(templates).format(w=word),
-        }
-        img_fmt = "jpg" if rng.random() < 0.3 else "png"
-        sample[img_fmt] = encode_image(pixels, img_fmt)
-        audio_fmt = "wav" if rng.random() < 0.2 else "flac"
-        sample[audio_fmt] = encode_audio(clip, audio_fmt)
-        r = rng.random()
-        if r < drop:  # real data lacks modalities now and then
-            del sample["txt"]
-        elif r < 2 * drop:
-            del sample[audio_fmt]
-        elif r < 3 * drop:
-            del sample[img_fmt]
-        samples.append(sample)
+    samples = [
+        paired_sample(
+            key, word, voice, rng.choice(templates).format(w=word), partial(encode_image, pixels), clip, drop, rng
+        )
+        for (key, pixels, word, voice), clip in zip(rows, clips)
+    ]
+    return write_split(samples, out_dir / name, name, shard_size, rng)
+
+
+def paired_sample(key, label, voice, caption, image, clip, drop, rng) -> dict:
+    """One sample: an image (`image(fmt)` encodes it, PNG or JPEG), the spoken clip (FLAC or WAV), the
+    caption and `{"label", "voice"}`; with probability 3 x `drop` one modality is left out, as real
+    data lacks modalities now and then."""
+    sample = {"__key__": key, "json": {"label": label, "voice": voice.name}, "txt": caption}
+    img_fmt = "jpg" if rng.random() < 0.3 else "png"
+    sample[img_fmt] = image(img_fmt)
+    audio_fmt = "wav" if rng.random() < 0.2 else "flac"
+    sample[audio_fmt] = encode_audio(clip, audio_fmt)
+    r = rng.random()
+    if r < drop:
+        del sample["txt"]
+    elif r < 2 * drop:
+        del sample[audio_fmt]
+    elif r < 3 * drop:
+        del sample[img_fmt]
+    return sample
+
+
+def write_split(samples: list[dict], out_dir: Path, prefix: str, shard_size: int, rng: random.Random) -> int:
+    """Shuffles the samples into shards of `shard_size` under `out_dir`; returns their count."""
     rng.shuffle(samples)
-    with ShardWriter(out_dir / name, prefix=name, max_count=shard_size) as writer:
+    with ShardWriter(out_dir, prefix=prefix, max_count=shard_size) as writer:
         writer.write_all(samples)
     return len(samples)
 
@@ -158,8 +185,6 @@ def build_demo(
 ) -> dict[str, int]:
     """Writes `out_dir/train` and `out_dir/heldout`; returns their sample counts. `max_images` caps
     the training images (the held-out split gets a quarter as many) for quick test sets."""
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng; scripts/install.sh does it)")
     from sklearn.datasets import load_digits
 
     out_dir = Path(out_dir)
@@ -171,11 +196,7 @@ def build_demo(
     train_idx, held_idx = order[:cut], order[cut:]
     if max_images:
         train_idx, held_idx = train_idx[:max_images], held_idx[: max(max_images // 4, 10)]
-    variants = available_variants()
-    train_voices = [(lang, v) for lang in TRAIN_LANGS for v in TRAIN_VARIANTS if v in variants]
-    held_voices = [(lang, v) for lang in HELDOUT_LANGS for v in HELDOUT_VARIANTS if v in variants]
-    if not train_voices or not held_voices:
-        raise RuntimeError(f"espeak-ng offers too few voice variants: {sorted(variants)}")
+    train_voices, held_voices = speakers()
     for split in ("train", "heldout"):
         shutil.rmtree(out_dir / split, ignore_errors=True)
     counts = {

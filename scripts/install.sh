@@ -19,13 +19,18 @@ TORCH_PINS=(torch==2.13.0 torchvision==0.28.0 torchaudio==2.11.0)
 quiet_pip_warnings() { grep -v "^WARNING: Location 'file://" >&2 || true; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages: espeak-ng speaks the words of the demo data set. No FFmpeg: audio is decoded
-# by soundfile (its wheel bundles libsndfile: WAV, FLAC, OGG, MP3), never by torchaudio.load, so
-# torchcodec and FFmpeg's libraries are not needed.
-if ! command -v espeak-ng >/dev/null 2>&1; then
-    echo "[install] apt: espeak-ng"
+# Debian packages: espeak-ng speaks the words of the demo and emoji data sets; the emoji set draws
+# Noto Color Emoji and names them from CLDR's annotations. No FFmpeg: audio is decoded by soundfile
+# (its wheel bundles libsndfile: WAV, FLAC, OGG, MP3), never by torchaudio.load, so torchcodec and
+# FFmpeg's libraries are not needed.
+apt_missing=()
+command -v espeak-ng >/dev/null 2>&1 || apt_missing+=(espeak-ng)
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || apt_missing+=(fonts-noto-color-emoji)
+[ -f /usr/share/unicode/cldr/common/annotations/en.xml ] || apt_missing+=(unicode-cldr-core)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+    echo "[install] apt: ${apt_missing[*]}"
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
 fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
