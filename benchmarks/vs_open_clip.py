@@ -101,18 +101,20 @@ def open_clip_python() -> Path:
     return python
 
 
-def image_text_shards(out: Path) -> dict[str, Path]:
-    """The demo set's image-text samples (audio left out, so both loaders read the same bytes)."""
+def image_text_shards(
+    out: Path, source: Path = REPO / "data" / "demo", splits: tuple[str, ...] = ("train", "heldout")
+) -> dict[str, Path]:
+    """A data set's image-text samples (audio left out, so both loaders read the same bytes); by
+    default the demo set's, made here if missing."""
     from contrastive.data.shards import ShardWriter
     from contrastive.data.sources import iter_tar_samples
 
-    demo = REPO / "data" / "demo"
-    if not (demo / "heldout" / "sizes.json").exists():
-        subprocess.run([str(REPO / ".venv/bin/contrastive-data"), "demo", str(demo)], check=True)
+    if not (source / "heldout" / "sizes.json").exists():
+        subprocess.run([str(REPO / ".venv/bin/contrastive-data"), "demo", str(source)], check=True)
     paths = {}
-    for split in ("train", "heldout"):
+    for split in splits:
         with ShardWriter(out / split, prefix="it", max_count=400) as writer:
-            for tar in sorted((demo / split).glob("*.tar")):
+            for tar in sorted((source / split).glob("*.tar")):
                 for s in iter_tar_samples(str(tar)):
                     image = next((e for e in ("png", "jpg") if e in s), None)
                     if image and "txt" in s:
@@ -162,7 +164,9 @@ def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precisi
     return {"step_times": step_times, "weights": run_dir / "export"}
 
 
-def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int, precision: str) -> dict:
+def run_open_clip(
+    python: Path, cfg: dict, data: Path, run_dir: Path, seed: int, precision: str, common: dict = COMMON
+) -> dict:
     model_dir = run_dir / "model"
     model_dir.mkdir(parents=True)
     model_cfg = {
@@ -181,30 +185,30 @@ def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int,
         "--dataset-type",
         "webdataset",
         "--train-num-samples",
-        str(cfg["steps"] * COMMON["batch_size"]),
+        str(cfg["steps"] * common["batch_size"]),
         "--batch-size",
-        str(COMMON["batch_size"]),
+        str(common["batch_size"]),
         "--epochs",
         "1",
         "--workers",
-        str(COMMON["workers"]),
+        str(common["workers"]),
         "--model",
         f"local-dir:{model_dir}",
         "--lr",
         str(cfg["lr"]),
         "--wd",
-        str(COMMON["weight_decay"]),
+        str(common["weight_decay"]),
         "--warmup",
-        str(COMMON["warmup"]),
+        str(common["warmup"]),
         # explicit: open_clip_train's defaults depend on the model's name (beta2 0.999, eps 1e-8 here)
         "--beta1",
-        str(COMMON["betas"][0]),
+        str(common["betas"][0]),
         "--beta2",
-        str(COMMON["betas"][1]),
+        str(common["betas"][1]),
         "--eps",
-        str(COMMON["eps"]),
+        str(common["eps"]),
         "--grad-clip-norm",
-        str(COMMON["grad_clip"]),
+        str(common["grad_clip"]),
         "--logs",
         str(run_dir),
         "--precision",
@@ -225,7 +229,7 @@ def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int,
         capture_output=True,
         text=True,
         cwd=run_dir,
-        env={**os.environ, "OMP_NUM_THREADS": str(COMMON["threads"])},
+        env={**os.environ, "OMP_NUM_THREADS": str(common["threads"])},
     )
     if out.returncode != 0:
         raise RuntimeError(f"open_clip_train failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -235,6 +239,16 @@ def run_open_clip(python: Path, cfg: dict, data: Path, run_dir: Path, seed: int,
 
 
 def evaluate(cfg: dict, weights: Path, heldout: Path, ours: bool) -> dict:
+    metrics = heldout_metrics(cfg, weights, heldout, ours, PROMPTS)
+    return {
+        "zero_shot_image_to_text": metrics["zero_shot/image->text/acc"],
+        "R@1_image_to_text": metrics["retrieval/image->text/R@1"],
+        "R@1_text_to_image": metrics["retrieval/text->image/R@1"],
+    }
+
+
+def heldout_metrics(cfg: dict, weights: Path, heldout: Path, ours: bool, prompts: list[str]) -> dict[str, float]:
+    """Every figure of our evaluator on the held-out split, for our export or open_clip's checkpoint."""
     import torch
 
     from contrastive.builders import build_modalities
@@ -256,14 +270,10 @@ def evaluate(cfg: dict, weights: Path, heldout: Path, ours: bool) -> dict:
     model.eval()
     heldout_set = resolve_set("", {"path": str(heldout)})
     evaluator = Evaluator(
-        [heldout_set], model.modalities, EvalConfig(prompts=PROMPTS), DataConfig(eval_batch_size=256, num_workers=0)
+        [heldout_set], model.modalities, EvalConfig(prompts=prompts), DataConfig(eval_batch_size=256, num_workers=0)
     )
     metrics, _ = evaluator(model, torch.device("cpu"))
-    return {
-        "zero_shot_image_to_text": metrics["zero_shot/image->text/acc"],
-        "R@1_image_to_text": metrics["retrieval/image->text/R@1"],
-        "R@1_text_to_image": metrics["retrieval/text->image/R@1"],
-    }
+    return metrics
 
 
 def main() -> None:

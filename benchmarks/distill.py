@@ -1,0 +1,96 @@
+"""Does a teacher help? A teacher trained 3x longer on the demo, then students of the same towers
+trained for the same (short) number of steps with and without `distill.teacher=<its export>`, 3 seeds
+each; held-out zero-shot and retrieval, mean and spread.
+
+    .venv/bin/python benchmarks/distill.py
+    .venv/bin/python benchmarks/distill.py --teacher-steps 2400 --student-steps 300 --kind both
+
+The last line is one JSON object with every run's figures and the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FIGURES = {
+    "image->text zero-shot": "eval/zero_shot/image->text/acc",
+    "audio->text zero-shot": "eval/zero_shot/audio->text/acc",
+    "audio->image label R@1": "eval/retrieval/audio->image/label_R@1",
+    "text->image R@10": "eval/retrieval/text->image/R@10",
+}
+
+
+def demo() -> Path:
+    data = REPO / "data" / "demo"
+    if not (data / "heldout" / "sizes.json").exists():
+        subprocess.run([str(BIN / "contrastive-data"), "demo", str(data)], check=True)
+    return data
+
+
+def train(data: Path, run_dir: Path, steps: int, seed: int, *extra: str) -> dict[str, float]:
+    args = [
+        "experiment=demo",
+        f"data.train={data / 'train'}",
+        f"data.eval={data / 'heldout'}",
+        f"trainer.seed={seed}",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.save_every=0",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+    subprocess.run([str(BIN / "contrastive-train"), *args], check=True, capture_output=True, cwd=REPO)
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    return {name: final[key] for name, key in FIGURES.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher-steps", type=int, default=2400)
+    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--kind", default="logits")
+    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "distill")
+    args = parser.parse_args()
+    data = demo()
+    teacher = args.out / "teacher"
+    taught = train(data, teacher, args.teacher_steps, 100)
+    print("teacher: " + ", ".join(f"{k} {v:.3f}" for k, v in taught.items()), flush=True)
+    recipes = {"plain": [], "distilled": []}
+    for seed in args.seeds:
+        recipes["plain"].append(train(data, args.out / f"plain-{seed}", args.student_steps, seed, "export=false"))
+        distill = [
+            f"distill.teacher={teacher / 'export'}",
+            f"distill.kind={args.kind}",
+            f"distill.weight={args.weight}",
+        ]
+        recipes["distilled"].append(
+            train(data, args.out / f"distilled-{seed}", args.student_steps, seed, "export=false", *distill)
+        )
+        for name, found in recipes.items():
+            print(f"{name:10s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found[-1].items()), flush=True)
+    summary = {}
+    print(f"\n{'recipe':11s}" + "".join(f"{n:>26s}" for n in FIGURES))
+    for name, found in recipes.items():
+        means = {n: statistics.mean(r[n] for r in found) for n in FIGURES}
+        spread = {n: (max(r[n] for r in found) - min(r[n] for r in found)) / 2 for n in FIGURES}
+        summary[name] = {"mean": means, "half_range": spread}
+        print(f"{name:11s}" + "".join(f"{means[n]:>19.1%} ±{spread[n]:>5.1%}" for n in FIGURES))
+    print(
+        json.dumps(
+            {"teacher": taught, "runs": recipes, "summary": summary, "settings": vars(args) | {"out": str(args.out)}}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
