@@ -13,27 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from common import BIN, REPO, cells, data_set, over_seeds
+
 FIGURES = {
     "audio->text zero-shot": "eval/zero_shot/audio->text/acc",
     "audio->image label R@1": "eval/retrieval/audio->image/label_R@1",
     "image->audio label R@1": "eval/retrieval/image->audio/label_R@1",
     "image->text zero-shot": "eval/zero_shot/image->text/acc",
 }
-
-
-def demo() -> Path:
-    data = REPO / "data" / "demo"
-    if not (data / "heldout" / "sizes.json").exists():
-        subprocess.run([str(BIN / "contrastive-data"), "demo", str(data)], check=True)
-    return data
 
 
 def train(data: Path, balance: str, seed: int, steps: int, out: Path) -> dict[str, float]:
@@ -66,7 +57,7 @@ def main() -> None:
     parser.add_argument("--balances", nargs="+", default=["none", "progress", "gradnorm"])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "balance")
     args = parser.parse_args()
-    data = demo()
+    data = data_set("demo")
     runs: dict[str, list[dict[str, float]]] = {b: [] for b in args.balances}
     for seed in args.seeds:  # seeds outer: a noisy machine spreads over every recipe alike
         for balance in args.balances:
@@ -81,10 +72,8 @@ def main() -> None:
     summary = {}
     print(f"\n{'balance':10s}" + "".join(f"{name:>26s}" for name in FIGURES))
     for balance, found in runs.items():
-        means = {n: statistics.mean(r[n] for r in found) for n in FIGURES}
-        spread = {n: (max(r[n] for r in found) - min(r[n] for r in found)) / 2 for n in FIGURES}
-        summary[balance] = {"mean": means, "half_range": spread}
-        print(f"{balance:10s}" + "".join(f"{means[n]:>19.1%} ±{spread[n]:>5.1%}" for n in FIGURES))
+        summary[balance] = over_seeds(found, FIGURES)
+        print(f"{balance:10s}" + cells(summary[balance], FIGURES, 26))
     print(json.dumps({"steps": args.steps, "seeds": args.seeds, "runs": runs, "summary": summary}))
 
 

@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from common import BIN, REPO, cells, data_set, over_seeds
+
 FIGURES = {
     "image->text zero-shot": "eval/zero_shot/image->text/acc",
     "audio->text zero-shot": "eval/zero_shot/audio->text/acc",
     "audio->image label R@1": "eval/retrieval/audio->image/label_R@1",
     "text->image R@10": "eval/retrieval/text->image/R@10",
 }
-
-
-def demo() -> Path:
-    data = REPO / "data" / "demo"
-    if not (data / "heldout" / "sizes.json").exists():
-        subprocess.run([str(BIN / "contrastive-data"), "demo", str(data)], check=True)
-    return data
 
 
 def train(data: Path, run_dir: Path, steps: int, seed: int, *extra: str) -> dict[str, float]:
@@ -61,7 +52,7 @@ def main() -> None:
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "distill")
     args = parser.parse_args()
-    data = demo()
+    data = data_set("demo")
     teacher = args.out / "teacher"
     taught = train(data, teacher, args.teacher_steps, 100)
     print("teacher: " + ", ".join(f"{k} {v:.3f}" for k, v in taught.items()), flush=True)
@@ -81,10 +72,8 @@ def main() -> None:
     summary = {}
     print(f"\n{'recipe':11s}" + "".join(f"{n:>26s}" for n in FIGURES))
     for name, found in recipes.items():
-        means = {n: statistics.mean(r[n] for r in found) for n in FIGURES}
-        spread = {n: (max(r[n] for r in found) - min(r[n] for r in found)) / 2 for n in FIGURES}
-        summary[name] = {"mean": means, "half_range": spread}
-        print(f"{name:11s}" + "".join(f"{means[n]:>19.1%} ±{spread[n]:>5.1%}" for n in FIGURES))
+        summary[name] = over_seeds(found, FIGURES)
+        print(f"{name:11s}" + cells(summary[name], FIGURES, 26))
     print(
         json.dumps(
             {"teacher": taught, "runs": recipes, "summary": summary, "settings": vars(args) | {"out": str(args.out)}}

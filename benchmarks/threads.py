@@ -14,24 +14,16 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from statistics import mean
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from common import BIN, REPO, data_set
+
 RUNS = {
     "demo (image, audio, text)": [],
     "image-text, small images": ["modalities=[image,text]", "data.batch_size=128"],
 }
 SKIP = 30  # steps before timing: the warm-up and auto's trials (3 + 2 x 8)
-
-
-def demo() -> Path:
-    data = REPO / "data" / "demo"
-    if not (data / "heldout" / "sizes.json").exists():
-        subprocess.run([str(BIN / "contrastive-data"), "demo", str(data)], check=True)
-    return data
 
 
 def samples_per_s(data: Path, threads: int, extra: list[str], steps: int, out: Path) -> float:
@@ -61,7 +53,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "threads")
     args = parser.parse_args()
-    data = demo()
+    data = data_set("demo")
     cpus = len(os.sched_getaffinity(0))
     fixed = list(range(1, cpus + 1))
     result = {"cpus": cpus, "runs": {}}

@@ -1,0 +1,33 @@
+"""What the benchmark scripts share: the repository's data sets (made on first use) and the summary
+of several seeds' figures."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def data_set(name: str = "demo") -> Path:
+    """`data/<name>` (`demo` or `emoji`), made by `contrastive-data <name>` if it is not there yet."""
+    data = REPO / "data" / name
+    if not (data / "heldout" / "sizes.json").exists():
+        subprocess.run([str(BIN / "contrastive-data"), name, str(data)], check=True)
+    return data
+
+
+def over_seeds(found: list[dict[str, float]], names) -> dict[str, dict[str, float]]:
+    """{"mean": ..., "half_range": ...} of each named figure over the seeds' runs."""
+    return {
+        "mean": {n: statistics.mean(r[n] for r in found) for n in names},
+        "half_range": {n: (max(r[n] for r in found) - min(r[n] for r in found)) / 2 for n in names},
+    }
+
+
+def cells(summary: dict[str, dict[str, float]], names, width: int) -> str:
+    """The figures as `mean ± half range` columns, each `width` characters wide."""
+    return "".join(f"{summary['mean'][n]:>{width - 7}.1%} ±{summary['half_range'][n]:>5.1%}" for n in names)
