@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
-from common import BIN, REPO, cells, data_set, over_seeds
+from common import REPO, cells, data_set, over_seeds, train_rows
 
 FIGURES = {
     "audio->text zero-shot": "eval/zero_shot/audio->text/acc",
@@ -28,8 +27,7 @@ FIGURES = {
 
 
 def train(data: Path, balance: str, seed: int, steps: int, out: Path) -> dict[str, float]:
-    run_dir = out / f"{balance}-{seed}"
-    args = [
+    overrides = [
         "experiment=demo",
         f"data.train={data / 'train'}",
         f"data.eval={data / 'heldout'}",
@@ -39,12 +37,9 @@ def train(data: Path, balance: str, seed: int, steps: int, out: Path) -> dict[st
         f"trainer.max_steps={steps}",
         f"trainer.eval_every={steps}",
         "trainer.save_every=0",
-        "trainer.progress=false",
         "export=false",
-        f"hydra.run.dir={run_dir}",
     ]
-    subprocess.run([str(BIN / "contrastive-train"), *args], check=True, capture_output=True, cwd=REPO)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = train_rows(overrides, out / f"{balance}-{seed}")
     final = rows[-1]
     present = [r["data/present/audio"] / r["data/slots"] for r in rows if "data/present/audio" in r][-1]
     return {**{name: final[key] for name, key in FIGURES.items()}, "audio present": present}

@@ -3,6 +3,9 @@ of several seeds' figures."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,3 +34,15 @@ def over_seeds(found: list[dict[str, float]], names) -> dict[str, dict[str, floa
 def cells(summary: dict[str, dict[str, float]], names, width: int) -> str:
     """The figures as `mean ± half range` columns, each `width` characters wide."""
     return "".join(f"{summary['mean'][n]:>{width - 7}.1%} ±{summary['half_range'][n]:>5.1%}" for n in names)
+
+
+def train_rows(overrides: list[str], run_dir: Path, threads: int | None = None) -> list[dict]:
+    """`contrastive-train <overrides>` in a fresh `run_dir` (metrics.jsonl appends: a rerun must not
+    read the last one's rows); its metrics rows. `threads` also sets OMP_NUM_THREADS."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    args = [*overrides, "trainer.progress=false", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run([str(BIN / "contrastive-train"), *args], capture_output=True, text=True, cwd=REPO, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"contrastive-train {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
-from common import BIN, REPO, cells, data_set, over_seeds
+from common import REPO, cells, data_set, over_seeds, train_rows
 
 FIGURES = {
     "image->text zero-shot": "eval/zero_shot/image->text/acc",
@@ -26,7 +25,7 @@ FIGURES = {
 
 
 def train(data: Path, run_dir: Path, steps: int, seed: int, *extra: str) -> dict[str, float]:
-    args = [
+    overrides = [
         "experiment=demo",
         f"data.train={data / 'train'}",
         f"data.eval={data / 'heldout'}",
@@ -34,12 +33,9 @@ def train(data: Path, run_dir: Path, steps: int, seed: int, *extra: str) -> dict
         f"trainer.max_steps={steps}",
         f"trainer.eval_every={steps}",
         "trainer.save_every=0",
-        "trainer.progress=false",
-        f"hydra.run.dir={run_dir}",
         *extra,
     ]
-    subprocess.run([str(BIN / "contrastive-train"), *args], check=True, capture_output=True, cwd=REPO)
-    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    final = train_rows(overrides, run_dir)[-1]
     return {name: final[key] for name, key in FIGURES.items()}
 
 

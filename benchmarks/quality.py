@@ -40,11 +40,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vs_open_clip  # noqa: E402  (the open_clip runner and the evaluator of its checkpoints)
+import vs_open_clip  # the open_clip runner and the evaluator of its checkpoints
+from common import BIN, REPO, cells, data_set, over_seeds, train_rows
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 BATCH = 128
 PROMPTS = ["{label}", "an emoji of {label}", "a picture of {label}"]
 # eval/<key>: data.eval, the unseen concepts; eval/seen/<key>: new views of the training concepts
@@ -69,13 +67,6 @@ OPEN_CLIP_CFG = {
 OPEN_CLIP_COMMON = {**vs_open_clip.COMMON, "batch_size": BATCH, "threads": 1, "workers": 1}
 
 
-def emoji_data() -> Path:
-    data = REPO / "data" / "emoji"
-    if not (data / "heldout" / "sizes.json").exists():
-        subprocess.run([str(BIN / "contrastive-data"), "emoji", str(data)], check=True)
-    return data
-
-
 def recipes(teacher_features: Path | None, steps: int) -> dict[str, list[str]]:
     """Each recipe's overrides for a run of `steps` steps."""
     dropout = [
@@ -94,8 +85,9 @@ def recipes(teacher_features: Path | None, steps: int) -> dict[str, list[str]]:
     }
 
 
-def train(data: Path, run_dir: Path, steps: int, seed: int, extra: list[str], evaluate: bool = True) -> Path:
-    args = [
+def train(data: Path, run_dir: Path, steps: int, seed: int, extra: list[str], evaluate: bool = True) -> list[dict]:
+    """One run of `experiment=emoji`, one thread (as open_clip's side); its metrics rows."""
+    overrides = [
         "experiment=emoji",
         f"data.train={data / 'train'}",
         f"data.eval={data / 'heldout'}" if evaluate else "data.eval=null",
@@ -106,31 +98,20 @@ def train(data: Path, run_dir: Path, steps: int, seed: int, extra: list[str], ev
         "trainer.log_every=1",
         "trainer.save_every=0",
         "trainer.threads=1",
-        "trainer.progress=false",
-        f"hydra.run.dir={run_dir}",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    shutil.rmtree(run_dir, ignore_errors=True)
-    done = subprocess.run([str(BIN / "contrastive-train"), *args], capture_output=True, text=True, cwd=REPO, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"contrastive-train {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return run_dir
+    return train_rows(overrides, run_dir, threads=1)
 
 
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_seconds(run_dir: Path) -> float:
+def step_seconds(rows: list[dict]) -> float:
     """The mean step time after the warm-up (data, forward, backward, update, EMA)."""
-    times = [BATCH / r["samples_per_s"] for r in rows(run_dir) if "samples_per_s" in r and r["step"] > WARMUP]
+    times = [BATCH / r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > WARMUP]
     return statistics.mean(times)
 
 
-def figures(run_dir: Path, averaged: bool) -> dict[str, float]:
+def figures(rows: list[dict], averaged: bool) -> dict[str, float]:
     """The final evaluation's figures: of the weights' average when the recipe keeps one."""
-    final = [r for r in rows(run_dir) if "eval/zero_shot/image->text/acc" in r][-1]
+    final = [r for r in rows if "eval/zero_shot/image->text/acc" in r][-1]
     prefix = "eval/ema/" if averaged else "eval/"
     return {name: final[prefix + key] for name, key in FIGURES.items()}
 
@@ -139,13 +120,13 @@ def teacher(data: Path, out: Path, steps: int) -> Path:
     """The teacher: plain, `steps` steps; its embeddings of the training set, for distill.teacher."""
     features = out / "teacher-features"
     if not features.exists():
-        run = train(data, out / "teacher", steps, 100, ["export=true"])
-        print("teacher: " + ", ".join(f"{k} {v:.3f}" for k, v in figures(run, False).items()), flush=True)
+        taught = train(data, out / "teacher", steps, 100, ["export=true"])
+        print("teacher: " + ", ".join(f"{k} {v:.3f}" for k, v in figures(taught, False).items()), flush=True)
         subprocess.run(
             [
                 str(BIN / "contrastive-embed"),
                 "embed",
-                str(run / "export"),
+                str(out / "teacher" / "export"),
                 "--data",
                 str(data / "train"),
                 "--out",
@@ -175,10 +156,8 @@ def open_clip_figures(run: dict, it_data: dict) -> dict[str, float]:
 
 
 def summary_line(name: str, found: list[dict[str, float]], steps: int) -> tuple[str, dict]:
-    means = {n: statistics.mean(r[n] for r in found) for n in FIGURES}
-    spread = {n: (max(r[n] for r in found) - min(r[n] for r in found)) / 2 for n in FIGURES}
-    cells = "".join(f"{means[n]:>16.1%} ±{spread[n]:>5.1%}" for n in FIGURES)
-    return f"{name:14s}{steps:>6d}{cells}", {"steps": steps, "mean": means, "half_range": spread}
+    summary = over_seeds(found, FIGURES)
+    return f"{name:14s}{steps:>6d}" + cells(summary, FIGURES, 23), {"steps": steps, **summary}
 
 
 def main() -> None:
@@ -190,7 +169,7 @@ def main() -> None:
     parser.add_argument("--no-open-clip", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
     args = parser.parse_args()
-    data = emoji_data()
+    data = data_set("emoji")
     cpu = open("/proc/cpuinfo").read()
     model_name = re.search(r"model name\s*:\s*(.*)", cpu)
     print(f"CPU: {model_name.group(1) if model_name else '?'}, {len(os.sched_getaffinity(0))} cores", flush=True)
@@ -200,8 +179,8 @@ def main() -> None:
     seconds = {}
     for name in args.recipes:
         extra = [o for o in probe[name] if not o.startswith("distill.")]  # a teacher lookup costs ~nothing
-        run = train(data, args.out / "calibrate" / name.replace(" ", "-"), CALIBRATION_STEPS, 0, extra, False)
-        seconds[name] = step_seconds(run)
+        found = train(data, args.out / "calibrate" / name.replace(" ", "-"), CALIBRATION_STEPS, 0, extra, False)
+        seconds[name] = step_seconds(found)
     if "patch dropout" in seconds:  # its last tenth runs unmasked, at plain's pace
         plain = seconds.get("plain") or seconds["patch dropout"]
         seconds["patch dropout"] = 0.9 * seconds["patch dropout"] + 0.1 * plain
@@ -228,10 +207,10 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.recipes:
             extra = recipes(features, steps[name])[name]
-            run = train(
+            found = train(
                 data, args.out / f"{name.replace(' ', '-')}-{seed}", steps[name], seed, ["export=false", *extra]
             )
-            results[name].append(figures(run, averaged=any(o.startswith("trainer.ema") for o in extra)))
+            results[name].append(figures(found, averaged=any(o.startswith("trainer.ema") for o in extra)))
             print(f"{name:14s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name][-1].items()))
         if python is not None:
             run = open_clip_run(python, it_data, args.out / f"open_clip-{seed}", steps["open_clip"], seed)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 from pathlib import Path
 from statistics import mean
 
-from common import BIN, REPO, data_set
+from common import REPO, data_set, train_rows
 
 RUNS = {
     "demo (image, audio, text)": [],
@@ -27,8 +26,7 @@ SKIP = 30  # steps before timing: the warm-up and auto's trials (3 + 2 x 8)
 
 
 def samples_per_s(data: Path, threads: int, extra: list[str], steps: int, out: Path) -> float:
-    run_dir = out / f"t{threads}"
-    args = [
+    overrides = [
         "experiment=demo",
         f"data.train={data / 'train'}",
         "data.eval=null",
@@ -37,13 +35,10 @@ def samples_per_s(data: Path, threads: int, extra: list[str], steps: int, out: P
         "trainer.log_every=1",
         "trainer.save_every=0",
         "trainer.eval_every=0",
-        "trainer.progress=false",
         "export=false",
-        f"hydra.run.dir={run_dir}",
         *extra,
     ]
-    subprocess.run([str(BIN / "contrastive-train"), *args], check=True, capture_output=True, cwd=REPO)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = train_rows(overrides, out / f"t{threads}")
     return mean(r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > SKIP)
 
 
