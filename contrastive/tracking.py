@@ -4,10 +4,13 @@ online) and TensorBoard when enabled. Only the main rank writes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+log = logging.getLogger("contrastive")
 
 
 @dataclass
@@ -29,6 +32,7 @@ class MetricsLogger:
         project: str = "contrastive",
         tensorboard: bool = False,
         config: Mapping[str, Any] | None = None,
+        start_step: int = 0,
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -36,6 +40,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        continue_log(self.path, start_step)
         if wandb_mode != "disabled":
             import wandb
 
@@ -76,12 +81,36 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def continue_log(path: Path, start_step: int) -> None:
+    """Readies a log of step rows for a run starting at `start_step`. Resuming, the rows past it (written
+    after the checkpoint, and about to be written again) are dropped, so each step has one row; a new
+    run in a directory that holds an earlier run's log moves that log aside (`metrics.1.jsonl`, ...)
+    instead of mixing the two runs in one file."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    if start_step == 0:
+        n = 1
+        while path.with_suffix(f".{n}.jsonl").exists():
+            n += 1
+        path.rename(path.with_suffix(f".{n}.jsonl"))
+        log.warning("%s held an earlier run's rows: moved to %s", path, path.with_suffix(f".{n}.jsonl").name)
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        log.info("%s: %d rows past step %d dropped (they are written again)", path, len(lines) - len(kept), start_step)
+
+
 class KeyRecorder:
     """Appends each step's sample keys to <run>/keys/rank<r>.jsonl (an audit of what trained when)."""
 
-    def __init__(self, run_dir: Path, rank: int):
+    def __init__(self, run_dir: Path, rank: int, start_step: int = 0):
         self.path = run_dir / "keys" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        continue_log(self.path, start_step)
 
     def __call__(self, step: int, keys: list[str]) -> None:
         with self.path.open("a") as f:

@@ -223,7 +223,7 @@ def resume(run: Run) -> TrainState:
 def train(run: Run, state: TrainState) -> TrainState:
     """The config written, the loggers opened, then the loop to max_steps (or a stop)."""
     trainer, dist = run.spec.trainer, run.dist
-    open_loggers(run)
+    open_loggers(run, state.step)
     tower_flops = training_flops_per_sample(run.objective.model)
     peak, peak_source = peak_flops(dist.device, trainer.precision, trainer.peak_tflops)
     if dist.is_main:
@@ -244,7 +244,7 @@ def train(run: Run, state: TrainState) -> TrainState:
         enabled=dist.is_main,
     )
     stream = batches(run.train_set, state.position, pin_memory=dist.device.type == "cuda")
-    loop_hooks = hooks(run)
+    loop_hooks = hooks(run, state.step)
     loop_hooks.unmask = lambda: unmask_towers(run, progress)
     if run.ema is not None:
         loop_hooks.after_update = run.ema.after_step
@@ -263,8 +263,9 @@ def unmask_towers(run: Run, progress: Progress) -> None:
         log.info("patch dropout off for the last %d steps (trainer.unmasked_steps)", run.spec.trainer.unmasked_steps)
 
 
-def open_loggers(run: Run) -> None:
-    """config.yaml (redacted), metrics.jsonl and wandb/TensorBoard where asked."""
+def open_loggers(run: Run, start_step: int) -> None:
+    """config.yaml (redacted), metrics.jsonl (one row a step: contrastive.tracking.continue_log) and
+    wandb/TensorBoard where asked."""
     spec = run.spec
     if run.dist.is_main:
         OmegaConf.save(OmegaConf.create(spec.config), run.run_dir / "config.yaml")
@@ -275,10 +276,11 @@ def open_loggers(run: Run) -> None:
         project=spec.logger.project,
         tensorboard=spec.logger.tensorboard,
         config=spec.config,
+        start_step=start_step,
     )
 
 
-def hooks(run: Run) -> Hooks:
+def hooks(run: Run, start_step: int) -> Hooks:
     """What the loop calls out to: save, evaluate, the stop request, the bad-input check, key records."""
     data, trainer = run.spec.data, run.spec.trainer
     return Hooks(
@@ -288,7 +290,7 @@ def hooks(run: Run) -> Hooks:
         check_counts=lambda counts: check_bad_fraction(
             counts, max_fraction=data.max_bad_fraction, min_slots=data.bad_check_after
         ),
-        record_keys=KeyRecorder(run.run_dir, run.dist.rank) if trainer.record_keys else None,
+        record_keys=KeyRecorder(run.run_dir, run.dist.rank, start_step) if trainer.record_keys else None,
     )
 
 

@@ -93,3 +93,22 @@ def test_a_resume_that_cannot_replay_the_epoch_is_refused_naming_the_setting(
     refused = train("single", demo_data, run, "trainer.max_steps=8", "resume=latest", changed, check=False)
     assert refused.returncode != 0 and named in refused.stderr, refused.stderr[-2000:]
     assert not (run / "checkpoints" / "step_00000004").exists()  # refused before any step
+
+
+def test_a_resume_after_a_crash_logs_each_step_once(demo_data, tmp_path):
+    """Killed after step 6 with the last checkpoint at 3: the rows of steps 4-6 (metrics and sample
+    keys) are written again on resume, not twice; a new run in the same directory starts a new log."""
+    run = tmp_path / "run"
+    train("single", demo_data, run, "trainer.max_steps=6", "trainer.save_every=3")
+    before_keys, before_losses = keys_by_rank(run, 1)[0], losses(run)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # as if killed before step 6's checkpoint
+    (run / "checkpoints" / "latest").write_text("step_00000003\n")
+    train("single", demo_data, run, "trainer.max_steps=6", "trainer.save_every=3", "resume=latest")
+    steps = [row["step"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert keys_by_rank(run, 1)[0] == before_keys and losses(run) == pytest.approx(before_losses, abs=1e-6)
+
+    shutil.rmtree(run / "checkpoints")
+    train("single", demo_data, run, "trainer.max_steps=2")  # a new run, same directory
+    assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row] == [1, 2]
+    assert [row["step"] for row in read_jsonl(run / "metrics.1.jsonl") if "loss" in row] == [1, 2, 3, 4, 5, 6]
