@@ -280,7 +280,10 @@ class Engine:
 
             def backward(surrogate: torch.Tensor) -> None:
                 self.backward(surrogate)
-                towers.update(self.tower_grad_norms() if self.measure else {})
+                # the whole step's gradients exist only at the last micro-batch (under ZeRO they
+                # sit in reduce buckets until DeepSpeed's accumulation boundary)
+                if self.measure and len(applied) == len(micro) - 1:
+                    towers.update(self.tower_grad_norms())
                 applied.append(self.step())
 
             loss, logs = cached_accumulation(

@@ -33,8 +33,9 @@ def uniformity(x: torch.Tensor) -> float:
 
 
 def effective_rank(x: torch.Tensor) -> float:
-    """exp(-sum p log p), p the singular values of x over their sum; nan for no rows."""
-    if x.shape[0] == 0:
+    """exp(-sum p log p), p the singular values of x over their sum; nan for no rows or for a
+    non-finite batch (which the trainer counts and skips; telemetry must not be what stops it)."""
+    if x.shape[0] == 0 or not bool(torch.isfinite(x).all()):
         return float("nan")
     s = torch.linalg.svdvals(x.double())
     p = s / s.sum()

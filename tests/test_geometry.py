@@ -76,6 +76,20 @@ def test_each_towers_gradient_shares_sum_to_one_and_follow_the_weights():
     assert "geometry/uniformity/audio" in logs and "geometry/gap/image-text" in logs
 
 
+def test_a_frozen_tower_and_a_non_finite_batch_leave_the_telemetry_standing():
+    loss = ContrastiveLoss(InfoNCESettings(), ["image", "audio", "text"])
+    loss.measure = True
+    emb = embeddings()
+    emb["image"] = emb["image"].detach()  # a frozen tower: its embeddings carry no gradient
+    masks = {m: torch.ones(16, dtype=torch.bool) for m in emb}
+    _, logs = loss(emb, masks)
+    assert float(logs["grad_share/image/image-text"]) == 0.0
+    assert sum(float(v) for k, v in logs.items() if k.startswith("grad_share/audio/")) == pytest.approx(1)
+    broken = {m: torch.full((4, 3), math.nan) for m in ("a", "b")}
+    got = geometry(broken, {m: torch.ones(4, dtype=torch.bool) for m in broken}, [("a", "b")])
+    assert math.isnan(got["geometry/effective_rank/a"])
+
+
 def test_progress_favours_the_pair_that_lags():
     balance = PairBalance(["fast", "slow"], "progress", rate=0.5)
     balance.update(torch.tensor([4.0, 4.0]))  # the start

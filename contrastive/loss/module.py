@@ -140,11 +140,12 @@ class ContrastiveLoss(nn.Module):
             if not scaled.requires_grad:  # no sample of this rank holds the pair
                 out[name] = all_reduce_sum(torch.zeros(2, device=scaled.device))
                 continue
-            ga, gb = torch.autograd.grad(scaled, [embeddings[a], embeddings[b]], retain_graph=True, allow_unused=True)
-            squares = [
-                g.detach().float().square().sum() if g is not None else torch.zeros((), device=scaled.device)
-                for g in (ga, gb)
-            ]
+            # a frozen tower's (or a cached pass's) embeddings carry no gradient: its share is zero
+            live = [m for m in (a, b) if embeddings[m].requires_grad]
+            grads = torch.autograd.grad(scaled, [embeddings[m] for m in live], retain_graph=True, allow_unused=True)
+            found = {m: g for m, g in zip(live, grads) if g is not None}
+            zero = torch.zeros((), device=scaled.device)
+            squares = [found[m].detach().float().square().sum() if m in found else zero for m in (a, b)]
             out[name] = all_reduce_sum(torch.stack(squares))
         return out
 
