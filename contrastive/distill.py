@@ -34,7 +34,6 @@ from contrastive.errors import ConfigError
 
 KINDS = ("logits", "features", "both")
 FEATURES = "features:"
-OPEN_CLIP = "open_clip:"
 
 
 @dataclass
@@ -90,6 +89,7 @@ def load_teacher(spec: str) -> Teacher:
     """The teacher `spec` names (see the module docstring)."""
     if spec.startswith(FEATURES):
         from contrastive.embed import load_embeddings
+        from contrastive.export import exported_scales
 
         where = Path(spec[len(FEATURES) :])
         made = json.loads((where / "embed.json").read_text())
@@ -97,29 +97,11 @@ def load_teacher(spec: str) -> Teacher:
         for name in made["modalities"]:
             array, keys, _ = load_embeddings(where, name)
             features[name] = ({k: i for i, k in enumerate(keys)}, torch.from_numpy(array).float())
-        return Teacher(features=features, scales=_scales(Path(made["model"])))
-    if spec.startswith(OPEN_CLIP):
-        from contrastive.modalities import build_modality
-        from contrastive.model import ContrastiveModel
-        from contrastive.pretrained import model_config
-        from contrastive.towers import load_released_weights
+        return Teacher(features=features, scales=exported_scales(made["model"]))
+    from contrastive.export import load_model_spec
 
-        name, _, tag = spec[len(OPEN_CLIP) :].partition(":")
-        modalities = {m: build_modality(m, open_clip=name, pretrained=tag or None) for m in ("image", "text")}
-        model = ContrastiveModel(modalities, model_config(name)["embed_dim"])
-        load_released_weights(model)
-        return Teacher(model=model.requires_grad_(False), scales={})
-    path = Path(spec)
-    if (path / "config.json").exists():
-        from contrastive.export import load_pretrained
-
-        return Teacher(model=load_pretrained(path).requires_grad_(False), scales=_scales(path))
-    from contrastive.checkpoint import resolve_resume
-    from contrastive.export import objective_from_checkpoint
-
-    objective, _ = objective_from_checkpoint(resolve_resume(spec, path))
-    scales = {n: float(s) for n, s in objective.loss.scales().items()}
-    return Teacher(model=objective.model.requires_grad_(False), scales=scales)
+    model, scales = load_model_spec(spec)
+    return Teacher(model=model, scales=scales)
 
 
 def check_inputs(teacher: Teacher, student: Mapping[str, Any]) -> None:
@@ -134,11 +116,6 @@ def check_inputs(teacher: Teacher, student: Mapping[str, Any]) -> None:
                 "student's batch, so both need the same preprocessing; or precompute the teacher's features "
                 "(contrastive-embed embed TEACHER --data TRAIN --out DIR, then distill.teacher=features:DIR)"
             )
-
-
-def _scales(export: Path) -> dict[str, float]:
-    config = export / "config.json"
-    return json.loads(config.read_text()).get("logit_scale", {}) if config.exists() else {}
 
 
 class Distillation(nn.Module):

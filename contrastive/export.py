@@ -151,6 +151,39 @@ def objective_from_checkpoint(checkpoint: str | os.PathLike) -> tuple[Contrastiv
     return objective.eval(), meta
 
 
+OPEN_CLIP = "open_clip:"
+
+
+def exported_scales(path: str | os.PathLike) -> dict[str, float]:
+    """An export's logit scale per pair (`config.json`), {} for anything else."""
+    config = Path(path) / CONFIG
+    return json.loads(config.read_text()).get("logit_scale", {}) if config.exists() else {}
+
+
+def load_model_spec(spec: str) -> tuple[ContrastiveModel, dict[str, float]]:
+    """(the model `spec` names, frozen and in eval mode; its logit scale per pair where known). `spec`:
+    an export directory, a checkpoint or run directory (its latest checkpoint), or
+    `open_clip:<name>:<tag>` (a released open_clip model's image and text towers)."""
+    if spec.startswith(OPEN_CLIP):
+        from contrastive.modalities import build_modality
+        from contrastive.pretrained import model_config
+        from contrastive.towers import load_released_weights
+
+        name, _, tag = spec[len(OPEN_CLIP) :].partition(":")
+        modalities = {m: build_modality(m, open_clip=name, pretrained=tag or None) for m in ("image", "text")}
+        model = ContrastiveModel(modalities, model_config(name)["embed_dim"])
+        load_released_weights(model)
+        return model.requires_grad_(False).eval(), {}
+    path = Path(spec)
+    if (path / CONFIG).exists():
+        return load_pretrained(path).requires_grad_(False).eval(), exported_scales(path)
+    from contrastive.checkpoint import resolve_resume
+
+    objective, _ = objective_from_checkpoint(resolve_resume(spec, path))
+    scales = {n: float(s) for n, s in objective.loss.scales().items()}
+    return objective.model.requires_grad_(False).eval(), scales
+
+
 def exported_metrics(metrics: Mapping[str, float], *, ema: bool) -> dict[str, float]:
     """The checkpoint's final figures for the weights exported: the live weights' `eval/...`, or the
     average's `eval/ema/...`."""

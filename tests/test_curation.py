@@ -1,0 +1,164 @@
+"""contrastive-data's curation commands on the demo set with planted problems (mismatched captions,
+exact and near copies, held-out samples leaked into train) and on a skewed concept distribution:
+what each finds, the same bytes whatever the worker count or where the shards are served from, and
+the source left as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+from servers import http_server
+
+from contrastive.data.shards import ShardWriter
+from contrastive.data_tools.curate import pollute
+
+from conftest import run_cli, tiny_overrides
+
+
+def tree(directory: Path, names: str = "*") -> dict[str, str]:
+    """File name -> sha256 of every file matching `names` in `directory`."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob(names)) if p.is_file()}
+
+
+def keys(directory: Path) -> list[str]:
+    out = []
+    for shard in sorted(directory.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            out += list(dict.fromkeys(name.split(".", 1)[0] for name in tar.getnames()))
+    return out
+
+
+def pairs_found(findings: list[dict]) -> set[frozenset]:
+    return {frozenset((f["key"], f["of"])) for f in findings}
+
+
+@pytest.fixture(scope="module")
+def polluted(demo_data, tmp_path_factory):
+    """The small demo's training split with problems planted, and a model trained on it a little."""
+    tmp = tmp_path_factory.mktemp("curation")
+    planted = pollute(
+        str(demo_data / "train"), tmp / "polluted", against=str(demo_data / "heldout"), leaks=6, shard_size=40
+    )
+    run_cli(
+        "contrastive-train",
+        *tiny_overrides(demo_data, tmp / "run", f"data.train={tmp / 'polluted'}", "data.eval=null"),
+        "trainer.max_steps=30",
+        "data.batch_size=32",
+    )
+    return tmp, planted
+
+
+def test_dedup_finds_every_planted_copy_and_leak_the_same_with_1_and_2_workers(polluted, demo_data):
+    tmp, planted = polluted
+    source = tree(tmp / "polluted")
+    outputs = []
+    for workers in (1, 2):
+        out = tmp / f"dedup-{workers}"
+        run_cli(
+            "contrastive-data",
+            *("dedup", str(tmp / "polluted"), "--against", str(demo_data / "heldout"), "--model", str(tmp / "run")),
+            *("--threshold", "0.99", "--out", str(out), "--workers", str(workers)),
+        )
+        outputs.append(tree(out))
+    assert outputs[0] == outputs[1] and len(outputs[0]) >= 3  # shards, sizes.json, curation.json
+    assert tree(tmp / "polluted") == source, "the source is never modified"
+    report = json.loads((tmp / "dedup-1" / "curation.json").read_text())
+    found = pairs_found(report["duplicates"])
+    for kind in ("duplicates", "near_duplicates"):
+        missed = [(k, v) for k, v in planted[kind].items() if frozenset((k, v)) not in found]
+        assert not missed, f"planted {kind} not found: {missed}"
+    exact = {f["key"]: f["of"] for f in report["leaks"] if f["kind"] == "exact"}
+    assert exact == planted["leaks"]  # each planted leak, and no other exact copy
+    gone = {f["key"] for f in report["duplicates"] + report["leaks"]}
+    assert set(keys(tmp / "dedup-1")) == set(keys(tmp / "polluted")) - gone
+    assert json.loads((tmp / "dedup-1" / "sizes.json").read_text()) == {
+        p.name: len(keys_of(p)) for p in (tmp / "dedup-1").glob("*.tar")
+    }
+
+
+def keys_of(shard: Path) -> set[str]:
+    with tarfile.open(shard) as tar:
+        return {name.split(".", 1)[0] for name in tar.getnames()}
+
+
+def test_score_then_filter_keeps_the_top_share_and_reads_http_as_local(polluted):
+    tmp, planted = polluted
+    scores = tmp / "scores"
+    run_cli("contrastive-data", "score", str(tmp / "polluted"), "--model", str(tmp / "run"), "--out", str(scores))
+    report = json.loads((scores / "score.json").read_text())
+    assert set(report["pairs"]) == {"image-audio", "image-text", "audio-text"}
+    by_key = {k: v for p in scores.glob("*.scores.json") for k, v in json.loads(p.read_text())["scores"].items()}
+    mismatched = [by_key[k]["image-text"] for k in planted["mismatched"] if "image-text" in by_key.get(k, {})]
+    matched = [v["image-text"] for k, v in by_key.items() if k not in planted["mismatched"] and "image-text" in v]
+    assert sum(mismatched) / len(mismatched) < sum(matched) / len(matched), "swapped captions score lower"
+
+    out = tmp / "top"
+    top = ("--scores", str(scores), "--top", "image-text:70%")
+    proc = run_cli("contrastive-data", "filter", str(tmp / "polluted"), str(out), *top)
+    threshold = float(proc.stdout.split("image-text>=")[1].split()[0].rstrip(","))
+    with_pair = sorted((v["image-text"] for v in by_key.values() if "image-text" in v), reverse=True)
+    assert sum(v >= threshold for v in with_pair) == math.ceil(0.7 * len(with_pair))
+    kept = set(keys(out))
+    for key, value in by_key.items():
+        if "image-text" in value:
+            assert (key in kept) == (value["image-text"] >= threshold), key
+    lacking = set(keys(tmp / "polluted")) - {k for k, v in by_key.items() if "image-text" in v}
+    assert lacking and lacking <= kept, "a sample without the pair is kept (--missing keep)"
+
+    with http_server(tmp) as url:  # the same set served over HTTP: the same shards out
+        remote = tmp / "top-http"
+        run_cli("contrastive-data", "filter", f"{url}/polluted", str(remote), *top, "--workers", "3")
+    assert tree(remote, "*.tar") == tree(out, "*.tar") and tree(remote, "sizes.json") == tree(out, "sizes.json")
+
+    filt = ("contrastive-data", "filter", str(tmp / "polluted"))
+    bad = run_cli(*filt, str(tmp / "x"), "--scores", str(scores), "--keep", "image-txt>0.2", check=False)
+    assert bad.returncode == 2 and "no scores for the pair image-txt" in bad.stderr
+    same = run_cli(*filt, str(tmp / "polluted"), *top, check=False)
+    assert same.returncode == 2 and "curation never modifies its input" in same.stderr
+
+
+def skewed_set(directory: Path, entries: list[str], seed: int = 0) -> None:
+    """Captions naming one entry each, entry i drawn with weight 1/(i+1)^1.5 (a head and a long
+    tail), and one caption in ten naming none."""
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) ** 1.5 for i in range(len(entries))]
+    with ShardWriter(directory, prefix="skewed", max_count=150) as writer:
+        for i in range(3000):
+            entry = rng.choices(entries, weights)[0]
+            text = "a photo of nothing in particular" if i % 10 == 0 else f"a photo of a {entry}"
+            writer.write({"__key__": f"s{i:05d}", "txt": text})
+
+
+def test_balance_caps_the_head_keeps_the_tail_and_is_seeded(tmp_path):
+    entries = [f"thing{chr(97 + i)}" for i in range(20)]
+    skewed_set(tmp_path / "src", entries)
+    (tmp_path / "entries.txt").write_text("\n".join(entries) + "\n")
+    t = 60
+    runs = {}
+    balance = ("contrastive-data", "balance", str(tmp_path / "src"))
+    options = ("--concepts", str(tmp_path / "entries.txt"), "--t", str(t))
+    for name, extra in (("a", ["--workers", "1"]), ("b", ["--workers", "4"]), ("c", ["--seed", "1"])):
+        run_cli(*balance, str(tmp_path / name), *options, *extra)
+        runs[name] = tree(tmp_path / name)
+    assert runs["a"] == runs["b"], "the same bytes whatever the worker count"
+    assert runs["a"] != runs["c"], "another seed, another draw"
+    report = json.loads((tmp_path / "a" / "curation.json").read_text())
+    counts = report["per_entry"]
+    head = [e for e, c in counts.items() if c["before"] > 3 * t]
+    tail = [e for e, c in counts.items() if c["before"] <= t]
+    assert len(head) >= 3 and len(tail) >= 5
+    for e in tail:
+        assert counts[e]["after"] == counts[e]["before"], e
+    for e in head:  # kept with probability t / count: binomial around t
+        assert abs(counts[e]["after"] - t) < 5 * math.sqrt(t), (e, counts[e])
+    assert report["unmatched"] == 300 and "s00000" not in keys(tmp_path / "a")
+    assert max(c["before"] for c in counts.values()) / max(c["after"] for c in counts.values()) > 5
+    kept_unmatched = tmp_path / "u"
+    run_cli(*balance, str(kept_unmatched), *options, "--keep-unmatched")
+    assert "s00000" in keys(kept_unmatched)
