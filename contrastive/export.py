@@ -235,6 +235,26 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     )
 
 
+HUB_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+
+
+def export_hub(export_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """An export's image and text towers in open_clip's `hf-hub:` layout: `open_clip_config.json`,
+    `open_clip_model.safetensors` and a model card (README.md) with open_clip's front matter and our
+    card's evaluation table. Uploaded as it is (`huggingface-cli upload ORG/NAME OUT`), it loads
+    with `open_clip.create_model_and_transforms("hf-hub:ORG/NAME")`."""
+    export, out = Path(export_dir), Path(out_dir)
+    if not (export / "open_clip" / HUB_FILES[1]).exists():
+        raise ValueError(f"{export} has no image and text towers: open_clip's hub layout holds those two")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in HUB_FILES:
+        (out / name).write_bytes((export / "open_clip" / name).read_bytes())
+    front = "---\nlibrary_name: open_clip\npipeline_tag: zero-shot-image-classification\n"
+    front += "tags:\n- clip\n- contrastive\n---\n\n"
+    (out / "README.md").write_text(front + (export / "README.md").read_text())
+    return out
+
+
 def model_card(config: Mapping[str, Any]) -> str:
     info, metrics = config.get("info", {}), config.get("metrics", {})
     lines = [

@@ -5,6 +5,9 @@ standalone evaluation and export."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,3 +133,45 @@ def test_open_clip_loads_the_exported_image_text_towers(demo_run):
         assert clip.logit_scale.exp().item() == pytest.approx(
             json.loads((run_dir / "export" / "config.json").read_text())["logit_scale"]["image-text"], rel=1e-5
         )
+
+
+LOAD_FROM_THE_HUB = """
+import sys, torch, open_clip
+from PIL import Image
+model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:contrastive/demo")
+tokenizer = open_clip.get_tokenizer("hf-hub:contrastive/demo")
+torch.manual_seed(0)
+images = [Image.fromarray((torch.rand(40, 30, 3) * 255).byte().numpy()) for _ in range(3)]
+with torch.no_grad():
+    img = model.eval().encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
+    txt = model.encode_text(tokenizer(["the digit seven", "nine"]), normalize=True)
+torch.save({"image": img, "text": txt, "images": images}, sys.argv[1])
+"""
+
+
+def test_the_hub_layout_loads_through_open_clips_hf_hub_offline(demo_run, tmp_path):
+    """`contrastive-export --hub` as uploaded: open_clip reads it from a Hugging Face cache with the
+    network off, and embeds as our model does."""
+    import contrastive
+
+    run_dir, _ = demo_run
+    run_cli("contrastive-export", str(run_dir), str(tmp_path / "hub"), "--hub")
+    files = sorted(p.name for p in (tmp_path / "hub").iterdir())
+    assert files == ["README.md", "open_clip_config.json", "open_clip_model.safetensors"]
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: open_clip\n") and "image->text" in card
+    snapshot = tmp_path / "cache" / "models--contrastive--demo" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("ab" * 20)
+    for f in files:
+        (snapshot / f).write_bytes((tmp_path / "hub" / f).read_bytes())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_FROM_THE_HUB, str(tmp_path / "out.pt")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt", weights_only=False)
+    ours = contrastive.load_pretrained(run_dir / "export")
+    assert torch.allclose(theirs["image"], ours.embed("image", theirs["images"]), atol=1e-5)
+    assert torch.allclose(theirs["text"], ours.embed("text", ["the digit seven", "nine"]), atol=1e-5)

@@ -3,6 +3,8 @@
 contrastive-export runs/demo/checkpoints/latest-or-step_dir runs/demo/export
 contrastive-export runs/demo runs/demo/export          # the run's latest checkpoint
 contrastive-export runs/demo s3://bucket/models/demo   # to object storage (any fsspec URL)
+contrastive-export runs/demo runs/demo/hub --hub       # open_clip's hf-hub: layout (image and text towers)
+    huggingface-cli upload ORG/NAME runs/demo/hub      # then: open_clip.create_model_and_transforms("hf-hub:ORG/NAME")
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -23,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ema", action="store_true", help="the weights' average (trainer.ema) instead of the live weights"
     )
+    parser.add_argument(
+        "--hub", action="store_true", help="open_clip's hf-hub: layout of the image-text towers (config, weights, card)"
+    )
     return parser
 
 
@@ -32,18 +38,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from contrastive.checkpoint import resolve_resume
     from contrastive.data.storage import check_no_secrets, is_remote, redact, upload_dir
-    from contrastive.export import export_checkpoint
+    from contrastive.export import export_checkpoint, export_hub
 
     path = resolve_resume(str(args.checkpoint), args.checkpoint)
-    if not is_remote(args.out_dir):
-        print(f"exported {path} to {export_checkpoint(path, Path(args.out_dir), ema=args.ema)}")
-        return 0
-    import tempfile
-
-    check_no_secrets(args.out_dir, "contrastive-export")
+    remote = is_remote(args.out_dir)
+    if remote:
+        check_no_secrets(args.out_dir, "contrastive-export")
+    layout = " in open_clip's hub layout" if args.hub else ""
     with tempfile.TemporaryDirectory() as local:
-        files = upload_dir(export_checkpoint(path, Path(local) / "export", ema=args.ema), args.out_dir)
-    print(f"exported {path} to {redact(args.out_dir)} ({files} files)")
+        local_out = Path(local) / "out" if remote else Path(args.out_dir)
+        made = export_checkpoint(path, Path(local) / "export" if args.hub else local_out, ema=args.ema)
+        if args.hub:
+            try:
+                made = export_hub(made, local_out)
+            except ValueError as e:
+                print(f"contrastive-export: {e}", file=sys.stderr)
+                return 2
+        if not remote:
+            print(f"exported {path}{layout} to {made}")
+            return 0
+        files = upload_dir(made, args.out_dir)
+    print(f"exported {path}{layout} to {redact(args.out_dir)} ({files} files)")
     return 0
 
 
