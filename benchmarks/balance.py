@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from common import REPO, cells, data_set, over_seeds, train_rows
+from common import REPO, data_set, table, train_rows
 
 FIGURES = {
     "audio->text zero-shot": "eval/zero_shot/audio->text/acc",
@@ -64,11 +64,7 @@ def main() -> None:
                 + f" ({time.time() - t0:.0f} s)",
                 flush=True,
             )
-    summary = {}
-    print(f"\n{'balance':10s}" + "".join(f"{name:>26s}" for name in FIGURES))
-    for balance, found in runs.items():
-        summary[balance] = over_seeds(found, FIGURES)
-        print(f"{balance:10s}" + cells(summary[balance], FIGURES, 26))
+    summary = table(runs, FIGURES, "balance")
     print(json.dumps({"steps": args.steps, "seeds": args.seeds, "runs": runs, "summary": summary}))
 
 

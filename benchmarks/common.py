@@ -36,6 +36,22 @@ def cells(summary: dict[str, dict[str, float]], names, width: int) -> str:
     return "".join(f"{summary['mean'][n]:>{width - 7}.1%} ±{summary['half_range'][n]:>5.1%}" for n in names)
 
 
+def table(runs: dict[str, list[dict[str, float]]], names, title: str, width: int = 26) -> dict[str, dict]:
+    """Prints each recipe's figures over its seeds (a header, then `mean ± half range` a recipe);
+    returns {recipe: over_seeds(...)}."""
+    first = max(len(title), *(len(r) for r in runs)) + 1
+    print(f"\n{title:{first}s}" + "".join(f"{n:>{width}s}" for n in names))
+    summary = {}
+    for name, found in runs.items():
+        summary[name] = over_seeds(found, names)
+        print(f"{name:{first}s}" + cells(summary[name], names, width))
+    return summary
+
+
+def seed_row(name: str, seed: int, found: dict[str, float]) -> None:
+    print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found.items()), flush=True)
+
+
 def train_rows(overrides: list[str], run_dir: Path, threads: int | None = None) -> list[dict]:
     """`contrastive-train <overrides>` in a fresh `run_dir` (metrics.jsonl appends: a rerun must not
     read the last one's rows); its metrics rows. `threads` also sets OMP_NUM_THREADS."""

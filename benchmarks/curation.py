@@ -25,7 +25,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from common import BIN, REPO, cells, over_seeds, train_rows
+from common import BIN, REPO, seed_row, table, train_rows
 
 FIGURES = {
     "image->text zero-shot": "eval/zero_shot/image->text/acc",
@@ -148,12 +148,8 @@ def main() -> None:
         recipes["curated"].append(train(out / "curated", heldout, out / f"curated-{seed}", args.steps, seed,
                                         "export=false"))  # fmt: skip
         for name, found in recipes.items():
-            print(f"{name:15s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found[-1].items()), flush=True)
-    summary = {}
-    print(f"\n{'training set':15s}" + "".join(f"{n:>26s}" for n in FIGURES))
-    for name, found in recipes.items():
-        summary[name] = over_seeds(found, FIGURES)
-        print(f"{name:15s}" + cells(summary[name], FIGURES, 26))
+            seed_row(name, seed, found[-1])
+    summary = table(recipes, FIGURES, "training set")
     print(
         json.dumps(
             {

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import REPO, cells, data_set, over_seeds, train_rows
+from common import REPO, data_set, seed_row, table, train_rows
 
 FIGURES = {
     "image->text zero-shot": "eval/zero_shot/image->text/acc",
@@ -64,12 +64,8 @@ def main() -> None:
             train(data, args.out / f"distilled-{seed}", args.student_steps, seed, "export=false", *distill)
         )
         for name, found in recipes.items():
-            print(f"{name:10s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found[-1].items()), flush=True)
-    summary = {}
-    print(f"\n{'recipe':11s}" + "".join(f"{n:>26s}" for n in FIGURES))
-    for name, found in recipes.items():
-        summary[name] = over_seeds(found, FIGURES)
-        print(f"{name:11s}" + cells(summary[name], FIGURES, 26))
+            seed_row(name, seed, found[-1])
+    summary = table(recipes, FIGURES, "recipe")
     print(
         json.dumps(
             {"teacher": taught, "runs": recipes, "summary": summary, "settings": vars(args) | {"out": str(args.out)}}

@@ -54,11 +54,11 @@ def polluted(demo_data, tmp_path_factory):
     return tmp, planted
 
 
-def test_dedup_finds_every_planted_copy_and_leak_the_same_with_1_and_2_workers(polluted, demo_data):
+def test_dedup_finds_every_planted_copy_and_leak_the_same_with_1_and_4_workers(polluted, demo_data):
     tmp, planted = polluted
     source = tree(tmp / "polluted")
     outputs = []
-    for workers in (1, 2):
+    for workers in (1, 4):
         out = tmp / f"dedup-{workers}"
         run_cli(
             "contrastive-data",
