@@ -27,6 +27,11 @@ apt_missing=()
 command -v espeak-ng >/dev/null 2>&1 || apt_missing+=(espeak-ng)
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || apt_missing+=(fonts-noto-color-emoji)
 [ -f /usr/share/unicode/cldr/common/annotations/en.xml ] || apt_missing+=(unicode-cldr-core)
+# with the test tools: a real headless browser and its WebDriver for the search page's test
+if [[ "$PACKAGE" == *"[test]"* ]]; then
+    command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || apt_missing+=(chromium-driver)
+fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
     echo "[install] apt: ${apt_missing[*]}"
     as_root apt-get update -qq

@@ -5,6 +5,8 @@
     torchrun --nproc_per_node 4 $(which contrastive-embed) embed runs/demo/export --data big/ --out emb/big
     contrastive-embed search --index emb/heldout --query "the digit seven" --modality audio
     contrastive-embed search --index emb/heldout --query clip.flac --query-modality audio --modality image
+    contrastive-embed index emb/heldout --out idx/heldout     # a faiss index per modality (IVF when large)
+    contrastive-embed serve idx/heldout                       # the API and a web page on 127.0.0.1:8000
 
 Rerunning `embed` after an interruption skips the shards already finished.
 """
@@ -86,6 +88,31 @@ def search(args) -> int:
     return 0
 
 
+def index(args) -> int:
+    from contrastive.search import build_index
+
+    info = build_index(args.embeddings, args.out, exact_below=args.exact_below)
+    for modality, meta in info["modalities"].items():
+        print(f"{modality}: {meta['rows']} rows, {meta['kind']}")
+    print(f"index in {args.out}; serve it with: contrastive-embed serve {args.out}")
+    return 0
+
+
+def serve(args) -> int:
+    from contrastive.serve import serve as run_server
+
+    run_server(
+        str(args.index),
+        args.model,
+        host=args.host,
+        port=args.port,
+        upload_mb=args.upload_mb,
+        max_k=args.max_k,
+        max_query_chars=args.max_query_chars,
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line this tool takes (also what tests/test_readme.py checks the README's examples against)."""
     parser = argparse.ArgumentParser(
@@ -108,13 +135,25 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", required=True, help="the modality to search among")
     s.add_argument("--model", help="default: the model the index was made with")
     s.add_argument("-k", "--k", type=int, default=5)
+    i = sub.add_parser("index", help="a faiss index per modality over `embed`'s output, for `serve`")
+    i.add_argument("embeddings", type=Path, help="the --out directory of `embed`")
+    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--exact-below", type=int, default=100_000, help="exact search up to this many rows, IVF above")
+    v = sub.add_parser("serve", help="the search API and web page over an index")
+    v.add_argument("index", type=Path, help="the --out directory of `index`")
+    v.add_argument("--model", help="default: the model the embeddings were made with")
+    v.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--upload-mb", type=float, default=10.0, help="largest upload accepted")
+    v.add_argument("--max-k", type=int, default=100)
+    v.add_argument("--max-query-chars", type=int, default=1000)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return embed(args) if args.command == "embed" else search(args)
+    return {"embed": embed, "search": search, "index": index, "serve": serve}[args.command](args)
 
 
 if __name__ == "__main__":
