@@ -46,16 +46,103 @@ class RequestError(ValueError):
         self.status = status
 
 
+class Service:
+    """What the routes answer, apart from HTTP: a search request's results, a sample's media."""
+
+    def __init__(self, index: SearchIndex, model, limits: Limits):
+        self.index, self.model, self.limits = index, model, limits
+        self.lock = threading.Lock()  # one forward pass at a time: torch's threads already use every core
+        self.extensions = {name: list(m.extensions) for name, m in model.modalities.items()}
+        self.extensions.setdefault("text", ["txt"])
+
+    def info(self) -> dict[str, Any]:
+        return self.index.info | {"query_modalities": list(self.model.modalities), "limits": vars(self.limits)}
+
+    def search(self, data: dict, upload: bytes | None) -> list[dict[str, Any]]:
+        target = field(data, "modality")
+        if target not in self.index.modalities:
+            raise RequestError(f"modality {target!r}: this index holds {self.index.modalities}")
+        try:
+            k = int(field(data, "k", 10))
+        except (TypeError, ValueError):
+            raise RequestError(f"k must be a whole number, not {data.get('k')!r}") from None
+        if not 1 <= k <= self.limits.max_k:
+            raise RequestError(f"k must be between 1 and {self.limits.max_k}, not {k}")
+        hits = self.index.search(target, self.embed_query(data, upload), k)
+        return [
+            {
+                "key": h.key,
+                "score": round(h.score, 6),
+                "label": h.label,
+                "caption": h.caption,
+                "media": {m: f"/media/{h.key}/{m}" for m in self.media_of(h.media)},
+            }
+            for h in hits
+        ]
+
+    def media_of(self, members: list[str]) -> list[str]:
+        return [m for m, exts in self.extensions.items() if any(e in members for e in exts)]
+
+    def query_item(self, data: dict, upload: bytes | None, modality: str) -> Any:
+        """What to embed: the upload, a sample's member (by key), or the caption."""
+        if upload is not None:
+            if not upload:
+                raise RequestError("the uploaded file is empty")
+            return upload
+        if field(data, "key") is not None:
+            key = str(data["key"])
+            if key not in self.index.by_key:
+                raise RequestError(f"no sample {key!r} in the index", 404)
+            found = self.index.member(key, self.extensions[modality])
+            if found is None:
+                raise RequestError(f"sample {key!r} has no {modality}")
+            return found[1].decode("utf-8") if modality == "text" else found[1]
+        if modality != "text":
+            raise RequestError(f"a {modality} query is an uploaded file (field 'file') or a sample key")
+        text = str(field(data, "query", "")).strip()
+        if not text:
+            raise RequestError("the query is empty")
+        if len(text) > self.limits.max_query_chars:
+            raise RequestError(f"the query is longer than {self.limits.max_query_chars} characters")
+        return text
+
+    def embed_query(self, data: dict, upload: bytes | None):
+        modality = field(data, "query_modality", "text" if upload is None else None)
+        if modality not in self.model.modalities:
+            raise RequestError(f"query_modality {modality!r}: the model embeds {list(self.model.modalities)}")
+        item = self.query_item(data, upload, modality)
+        try:
+            with self.lock, torch.no_grad():
+                return self.model.embed(modality, [item])[0].numpy()
+        except Exception as e:  # an upload that does not decode as the modality
+            raise RequestError(f"could not read the {modality} query: {type(e).__name__}: {e}") from None
+
+    def media(self, key: str, modality: str) -> tuple[str, bytes]:
+        """(media type, bytes) of a sample's member for `modality`."""
+        if key not in self.index.by_key:
+            raise RequestError(f"no sample {key!r} in the index", 404)
+        if modality not in self.extensions:
+            raise RequestError(f"modality {modality!r}: one of {sorted(self.extensions)}", 404)
+        found = self.index.member(key, self.extensions[modality])
+        if found is None:
+            raise RequestError(f"sample {key!r} has no {modality}", 404)
+        ext, data = found
+        return MEDIA_TYPES.get(ext, "application/octet-stream"), data
+
+
+def field(data: dict, name: str, default: Any = None) -> Any:
+    value = data.get(name, default)
+    return value if value not in ("", None) else default
+
+
 def create_app(index: SearchIndex, model, limits: Limits | None = None):
+    """The Flask app: routes onto a Service, refusals as JSON."""
     from flask import Flask, Response, jsonify, request
     from werkzeug.exceptions import HTTPException
 
-    limits = limits or Limits()
+    service = Service(index, model, limits or Limits())
     app = Flask("contrastive.serve")
-    app.config["MAX_CONTENT_LENGTH"] = int(limits.upload_mb * (1 << 20))
-    lock = threading.Lock()  # one forward pass at a time: torch's threads are already all the cores'
-    extensions = {name: list(m.extensions) for name, m in model.modalities.items()}
-    extensions.setdefault("text", ["txt"])
+    app.config["MAX_CONTENT_LENGTH"] = int(service.limits.upload_mb * (1 << 20))
 
     @app.errorhandler(RequestError)
     def refused(e: RequestError):
@@ -63,10 +150,8 @@ def create_app(index: SearchIndex, model, limits: Limits | None = None):
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        message = e.description
-        if e.code == 413:
-            message = f"the upload is larger than {limits.upload_mb:g} MB"
-        return jsonify(error=message), e.code
+        too_large = f"the upload is larger than {service.limits.upload_mb:g} MB"
+        return jsonify(error=too_large if e.code == 413 else e.description), e.code
 
     @app.get("/")
     def page():
@@ -74,86 +159,20 @@ def create_app(index: SearchIndex, model, limits: Limits | None = None):
 
     @app.get("/api/info")
     def info():
-        return jsonify(index.info | {"query_modalities": list(model.modalities), "limits": vars(limits)})
-
-    def field(data: dict, name: str, default: Any = None) -> Any:
-        value = data.get(name, default)
-        return value if value not in ("", None) else default
+        return jsonify(service.info())
 
     @app.post("/api/search")
     def search():
         data = request.get_json(silent=True) if request.is_json else request.form.to_dict()
         if data is None:
             raise RequestError("the body is not JSON")
-        target = field(data, "modality")
-        if target not in index.modalities:
-            raise RequestError(f"modality {target!r}: this index holds {index.modalities}")
-        try:
-            k = int(field(data, "k", 10))
-        except (TypeError, ValueError):
-            raise RequestError(f"k must be a whole number, not {data.get('k')!r}") from None
-        if not 1 <= k <= limits.max_k:
-            raise RequestError(f"k must be between 1 and {limits.max_k}, not {k}")
-        query = embed_query(data)
-        hits = index.search(target, query, k)
-        return jsonify(
-            results=[
-                {
-                    "key": h.key,
-                    "score": round(h.score, 6),
-                    "label": h.label,
-                    "caption": h.caption,
-                    "media": {m: f"/media/{h.key}/{m}" for m in media_of(h.media)},
-                }
-                for h in hits
-            ]
-        )
-
-    def media_of(members: list[str]) -> list[str]:
-        return [m for m, exts in extensions.items() if any(e in members for e in exts)]
-
-    def embed_query(data: dict):
         upload = request.files.get("file")
-        query_modality = field(data, "query_modality", "text" if upload is None else None)
-        if query_modality not in model.modalities:
-            raise RequestError(f"query_modality {query_modality!r}: the model embeds {list(model.modalities)}")
-        if upload is not None:
-            item: Any = upload.read()
-            if not item:
-                raise RequestError("the uploaded file is empty")
-        elif field(data, "key") is not None:
-            key = str(data["key"])
-            if key not in index.by_key:
-                raise RequestError(f"no sample {key!r} in the index", 404)
-            found = index.member(key, extensions[query_modality])
-            if found is None:
-                raise RequestError(f"sample {key!r} has no {query_modality}")
-            item = found[1].decode("utf-8") if query_modality == "text" else found[1]
-        else:
-            if query_modality != "text":
-                raise RequestError(f"a {query_modality} query is an uploaded file (field 'file') or a sample key")
-            item = str(field(data, "query", "")).strip()
-            if not item:
-                raise RequestError("the query is empty")
-            if len(item) > limits.max_query_chars:
-                raise RequestError(f"the query is longer than {limits.max_query_chars} characters")
-        try:
-            with lock, torch.no_grad():
-                return model.embed(query_modality, [item])[0].numpy()
-        except Exception as e:  # an upload that does not decode as the modality
-            raise RequestError(f"could not read the {query_modality} query: {type(e).__name__}: {e}") from None
+        return jsonify(results=service.search(data, upload.read() if upload is not None else None))
 
     @app.get("/media/<path:key>/<modality>")
     def media(key: str, modality: str):
-        if key not in index.by_key:
-            raise RequestError(f"no sample {key!r} in the index", 404)
-        if modality not in extensions:
-            raise RequestError(f"modality {modality!r}: one of {sorted(extensions)}", 404)
-        found = index.member(key, extensions[modality])
-        if found is None:
-            raise RequestError(f"sample {key!r} has no {modality}", 404)
-        ext, data = found
-        return Response(data, mimetype=MEDIA_TYPES.get(ext, "application/octet-stream"))
+        mimetype, data = service.media(key, modality)
+        return Response(data, mimetype=mimetype)
 
     return app
 

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import operator
 import random
 import re
 import sys
@@ -316,7 +317,7 @@ def load_scores(scores_dir: str | Path) -> dict[str, dict[str, dict[str, float]]
 
 # -- filter ------------------------------------------------------------------------------------------
 CONDITION = re.compile(r"^\s*([A-Za-z0-9_]+[,\-][A-Za-z0-9_]+)\s*(>=|<=|>|<)\s*(-?[0-9]*\.?[0-9]+)\s*$")
-COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
+COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
 def conditions(
