@@ -71,6 +71,7 @@ def test_the_wheel_trains_the_demo_from_an_unrelated_directory(wheel_venv, demo_
     assert (package / "configs" / "experiment" / "demo.yaml").is_file() and (
         package / "slurm" / "train.sbatch"
     ).is_file()
+    assert (package / "search.html").is_file()  # the search service's page
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run(
