@@ -52,6 +52,23 @@ def seed_row(name: str, seed: int, found: dict[str, float]) -> None:
     print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found.items()), flush=True)
 
 
+def demo_figures(train: Path, heldout: Path, run_dir: Path, steps: int, seed: int, figures, *extra: str) -> dict:
+    """The demo recipe on `train` for `steps`, evaluated on `heldout` at its end: {name: metric} of
+    `figures` ({name: metrics key})."""
+    overrides = [
+        "experiment=demo",
+        f"data.train={train}",
+        f"data.eval={heldout}",
+        f"trainer.seed={seed}",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.save_every=0",
+        *extra,
+    ]
+    final = train_rows(overrides, run_dir)[-1]
+    return {name: final[key] for name, key in figures.items()}
+
+
 def train_rows(overrides: list[str], run_dir: Path, threads: int | None = None) -> list[dict]:
     """`contrastive-train <overrides>` in a fresh `run_dir` (metrics.jsonl appends: a rerun must not
     read the last one's rows); its metrics rows. `threads` also sets OMP_NUM_THREADS."""

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from common import BIN, REPO, seed_row, table, train_rows
+from common import BIN, REPO, demo_figures, seed_row, table
 
 FIGURES = {
     "image->text zero-shot": "eval/zero_shot/image->text/acc",
@@ -54,18 +54,7 @@ def keys(directory: Path) -> set[str]:
 
 
 def train(data: Path, heldout: Path, run_dir: Path, steps: int, seed: int, *extra: str) -> dict[str, float]:
-    overrides = [
-        "experiment=demo",
-        f"data.train={data}",
-        f"data.eval={heldout}",
-        f"trainer.seed={seed}",
-        f"trainer.max_steps={steps}",
-        f"trainer.eval_every={steps}",
-        "trainer.save_every=0",
-        *extra,
-    ]
-    final = train_rows(overrides, run_dir)[-1]
-    return {name: final[key] for name, key in FIGURES.items()}
+    return demo_figures(data, heldout, run_dir, steps, seed, FIGURES, *extra)
 
 
 def precision_recall(found: set, planted: set) -> dict[str, float]:

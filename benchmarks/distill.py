@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import REPO, data_set, seed_row, table, train_rows
+from common import REPO, data_set, demo_figures, seed_row, table
 
 FIGURES = {
     "image->text zero-shot": "eval/zero_shot/image->text/acc",
@@ -25,18 +25,7 @@ FIGURES = {
 
 
 def train(data: Path, run_dir: Path, steps: int, seed: int, *extra: str) -> dict[str, float]:
-    overrides = [
-        "experiment=demo",
-        f"data.train={data / 'train'}",
-        f"data.eval={data / 'heldout'}",
-        f"trainer.seed={seed}",
-        f"trainer.max_steps={steps}",
-        f"trainer.eval_every={steps}",
-        "trainer.save_every=0",
-        *extra,
-    ]
-    final = train_rows(overrides, run_dir)[-1]
-    return {name: final[key] for name, key in FIGURES.items()}
+    return demo_figures(data / "train", data / "heldout", run_dir, steps, seed, FIGURES, *extra)
 
 
 def main() -> None:
