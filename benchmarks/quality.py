@@ -4,10 +4,12 @@
 
     .venv/bin/python benchmarks/quality.py                          # ~110 min on 2 cores
     .venv/bin/python benchmarks/quality.py --budget 60 --seeds 0 --recipes plain "patch dropout"
+    .venv/bin/python benchmarks/quality.py --resume     # after an interruption: finished runs are kept
 
 Recipes (all `experiment=emoji`: tiny towers, 64-px images, 2-s audio, batch 128, one thread and one
 loader worker on each side):
 - plain: image, audio and text, three pairs;
+- image-text: the same without audio (what open_clip's run trains: our trainer against theirs on one task);
 - patch dropout: half of the image's and the spectrogram's patches dropped, the last tenth of the
   steps unmasked (FLIP);
 - EMA: `trainer.ema` (decay 0.995 from a fifth of the way in), scored on the average;
@@ -37,7 +39,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import vs_open_clip  # the open_clip runner and the evaluator of its checkpoints
@@ -78,6 +79,7 @@ def recipes(teacher_features: Path | None, steps: int) -> dict[str, list[str]]:
     distill = [f"distill.teacher=features:{teacher_features}", "distill.kind=logits"] if teacher_features else []
     return {
         "plain": [],
+        "image-text": ["modalities=[image,text]"],  # the same towers without audio: what open_clip's run trains
         "patch dropout": dropout,
         "EMA": ema,
         "distillation": distill,
@@ -113,13 +115,16 @@ def figures(rows: list[dict], averaged: bool) -> dict[str, float]:
     """The final evaluation's figures: of the weights' average when the recipe keeps one."""
     final = [r for r in rows if "eval/zero_shot/image->text/acc" in r][-1]
     prefix = "eval/ema/" if averaged else "eval/"
-    return {name: final[prefix + key] for name, key in FIGURES.items()}
+    return {name: final.get(prefix + key, float("nan")) for name, key in FIGURES.items()}
 
 
-def teacher(data: Path, out: Path, steps: int) -> Path:
-    """The teacher: plain, `steps` steps; its embeddings of the training set, for distill.teacher."""
+def teacher(data: Path, out: Path, steps: int, resume: bool) -> Path:
+    """The teacher: plain, `steps` steps; its embeddings of the training set, for distill.teacher
+    (an earlier run's kept with --resume)."""
     features = out / "teacher-features"
-    if not features.exists():
+    if not resume:
+        shutil.rmtree(features, ignore_errors=True)
+    if not (features / "embed.json").exists():
         taught = train(data, out / "teacher", steps, 100, ["export=true"])
         print("teacher: " + ", ".join(f"{k} {v:.3f}" for k, v in figures(taught, False).items()), flush=True)
         subprocess.run(
@@ -160,11 +165,53 @@ def summary_line(name: str, found: list[dict[str, float]], steps: int) -> tuple[
     return f"{name:14s}{steps:>6d}" + cells(summary, FIGURES, 23), {"steps": steps, **summary}
 
 
+def calibrate(args, data: Path, python, it_data) -> dict[str, float]:
+    """Seconds per step of each recipe (and open_clip's), measured briefly; kept in calibration.json,
+    and with --resume read back from it (the same machine's figures, for every recipe it holds)."""
+    saved = args.out / "calibration.json"
+    seconds = json.loads(saved.read_text()) if args.resume and saved.exists() else {}
+    probe = recipes(Path("/nonexistent"), CALIBRATION_STEPS)
+    measured = {}
+    for name in [n for n in args.recipes if n not in seconds]:
+        extra = [o for o in probe[name] if not o.startswith("distill.")]  # a teacher lookup costs ~nothing
+        found = train(data, args.out / "calibrate" / name.replace(" ", "-"), CALIBRATION_STEPS, 0, extra, False)
+        measured[name] = step_seconds(found)
+    plain = measured.get("plain") or seconds.get("plain")
+    if "patch dropout" in measured and plain:  # its last tenth runs unmasked, at plain's pace
+        measured["patch dropout"] = 0.9 * measured["patch dropout"] + 0.1 * plain
+    if "all" in measured and plain:  # its last tenth unmasked too, with the average kept
+        measured["all"] = 0.9 * measured["all"] + 0.1 * (measured.get("EMA") or seconds.get("EMA") or plain)
+    if python is not None and "open_clip" not in seconds:
+        calib = open_clip_run(python, it_data, args.out / "calibrate" / "open_clip", CALIBRATION_STEPS, 0)
+        measured["open_clip"] = statistics.mean(calib["step_times"][WARMUP:])
+    seconds.update(measured)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(seconds, indent=1) + "\n")
+    return {n: v for n, v in seconds.items() if n in args.recipes or (n == "open_clip" and python is not None)}
+
+
+def finished(run_dir: Path, resume: bool) -> dict[str, float] | None:
+    """A finished run's figures (figures.json), with --resume."""
+    done = run_dir / "figures.json"
+    return json.loads(done.read_text()) if resume and done.exists() else None
+
+
+def keep(run_dir: Path, found: dict[str, float]) -> dict[str, float]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "figures.json").write_text(json.dumps(found) + "\n")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=240.0, help="seconds of training per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", default=["plain", "patch dropout", "EMA", "distillation", "all"])
+    parser.add_argument(
+        "--recipes", nargs="+", default=["plain", "image-text", "patch dropout", "EMA", "distillation", "all"]
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the calibration, the teacher and every finished run of --out"
+    )
     parser.add_argument("--teacher-factor", type=float, default=3.0, help="the teacher's steps over plain's")
     parser.add_argument("--no-open-clip", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
@@ -174,52 +221,37 @@ def main() -> None:
     model_name = re.search(r"model name\s*:\s*(.*)", cpu)
     print(f"CPU: {model_name.group(1) if model_name else '?'}, {len(os.sched_getaffinity(0))} cores", flush=True)
 
-    # step times: each recipe briefly, then the steps the budget buys
-    probe = recipes(Path("/nonexistent"), CALIBRATION_STEPS)
-    seconds = {}
-    for name in args.recipes:
-        extra = [o for o in probe[name] if not o.startswith("distill.")]  # a teacher lookup costs ~nothing
-        found = train(data, args.out / "calibrate" / name.replace(" ", "-"), CALIBRATION_STEPS, 0, extra, False)
-        seconds[name] = step_seconds(found)
-    if "patch dropout" in seconds:  # its last tenth runs unmasked, at plain's pace
-        plain = seconds.get("plain") or seconds["patch dropout"]
-        seconds["patch dropout"] = 0.9 * seconds["patch dropout"] + 0.1 * plain
-    if "all" in seconds and "plain" in seconds:
-        seconds["all"] = 0.9 * seconds["all"] + 0.1 * (seconds["EMA"] if "EMA" in seconds else seconds["plain"])
+    python = it_data = None
+    if not args.no_open_clip:
+        python = vs_open_clip.open_clip_python()
+        it_data = vs_open_clip.image_text_shards(args.out / "image-text", data, ("train", "heldout", "seen"))
+    seconds = calibrate(args, data, python, it_data)
     steps = {name: int(args.budget / s) for name, s in seconds.items()}
     print("steps in the budget: " + ", ".join(f"{n} {s} ({seconds[n]:.3f} s/step)" for n, s in steps.items()))
 
     features = None
     if {"distillation", "all"} & set(args.recipes):
         base = steps.get("plain", min(steps.values()))
-        features = teacher(data, args.out, int(args.teacher_factor * base))
+        features = teacher(data, args.out, int(args.teacher_factor * base), args.resume)
 
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in args.recipes}
-    python = it_data = None
-    if not args.no_open_clip:
-        python = vs_open_clip.open_clip_python()
-        it_data = vs_open_clip.image_text_shards(args.out / "image-text", data, ("train", "heldout", "seen"))
-        calib = open_clip_run(python, it_data, args.out / "calibrate" / "open_clip", CALIBRATION_STEPS, 0)
-        seconds["open_clip"] = statistics.mean(calib["step_times"][WARMUP:])
-        steps["open_clip"] = int(args.budget / seconds["open_clip"])
-        results["open_clip"] = []
-        print(f"open_clip: {steps['open_clip']} steps ({seconds['open_clip']:.3f} s/step)", flush=True)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in [*args.recipes, "open_clip"] if name in steps}
     for seed in args.seeds:
         for name in args.recipes:
             extra = recipes(features, steps[name])[name]
-            found = train(
-                data, args.out / f"{name.replace(' ', '-')}-{seed}", steps[name], seed, ["export=false", *extra]
+            averaged = any(o.startswith("trainer.ema") for o in extra)
+            run_dir = args.out / f"{name.replace(' ', '-')}-{seed}"
+            found = finished(run_dir, args.resume) or figures(
+                train(data, run_dir, steps[name], seed, ["export=false", *extra]), averaged
             )
-            results[name].append(figures(found, averaged=any(o.startswith("trainer.ema") for o in extra)))
-            print(f"{name:14s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name][-1].items()))
+            results[name].append(keep(run_dir, found))
+            print(f"{name:14s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found.items()), flush=True)
         if python is not None:
-            run = open_clip_run(python, it_data, args.out / f"open_clip-{seed}", steps["open_clip"], seed)
-            results["open_clip"].append(open_clip_figures(run, it_data))
-            print(
-                f"{'open_clip':14s} seed {seed}: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in results["open_clip"][-1].items())
+            run_dir = args.out / f"open_clip-{seed}"
+            found = finished(run_dir, args.resume) or open_clip_figures(
+                open_clip_run(python, it_data, run_dir, steps["open_clip"], seed), it_data
             )
-        sys.stdout.flush()
+            results["open_clip"].append(keep(run_dir, found))
+            print(f"{'open_clip':14s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found.items()), flush=True)
 
     print(f"\nbudget {args.budget:.0f} s of training per run, seeds {args.seeds}")
     print(f"{'recipe':14s}{'steps':>6s}" + "".join(f"{n:>23s}" for n in FIGURES))
