@@ -16,7 +16,7 @@ import pytest
 from servers import http_server
 
 from contrastive.data.shards import ShardWriter
-from contrastive.data_tools.curate import pollute
+from contrastive.data_tools.pollute import pollute
 
 from conftest import run_cli, tiny_overrides
 
