@@ -2,7 +2,7 @@
 (`contrastive-data emoji`: unseen concepts held out) for the same wall-clock budget on this machine,
 3 seeds, against the plain recipe and open_clip's own trainer.
 
-    .venv/bin/python benchmarks/quality.py                          # ~110 min on 2 cores
+    .venv/bin/python benchmarks/quality.py                          # ~2 h on a quiet 2-core machine
     .venv/bin/python benchmarks/quality.py --budget 60 --seeds 0 --recipes plain "patch dropout"
     .venv/bin/python benchmarks/quality.py --resume     # after an interruption: finished runs are kept
 
