@@ -1,5 +1,5 @@
-"""The weights' moving average (trainer.ema): the update rule by hand, an average that survives a stop
-and a resume exactly (2 gloo ranks, ZeRO 0 and ZeRO 2), evaluated beside the live weights, and an
+"""The weights' moving average (trainer.ema): the update rule by hand, an average that is restored
+exactly from a checkpoint (2 gloo ranks, ZeRO 0 and ZeRO 2), evaluated beside the live weights, and an
 export of it that scores what `eval/ema/...` said."""
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def test_the_average_by_hand():
 def test_the_average_resumes_exactly_and_its_export_scores_as_evaluated(demo_data, tmp_path, zero):
     ema = ["trainer.ema={decay: 0.8, every: 1}", f"engine.zero_stage={zero}", "trainer.max_steps=6"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    train("torchrun", demo_data, whole, *ema)
-    train("torchrun", demo_data, split, *ema, "trainer.stop_at_step=3")
-    train("torchrun", demo_data, split, *ema, "resume=latest")
+    # the uninterrupted run leaves a checkpoint at step 3; another run directory resumes from it
+    train("torchrun", demo_data, whole, *ema, "trainer.save_every=3")
+    step3 = whole / "checkpoints" / "step_00000003"
+    assert (step3 / "ema.safetensors").exists()
+    train("torchrun", demo_data, split, *ema, f"resume={step3}")
     a = load_file(str(whole / "checkpoints" / "step_00000006" / "ema.safetensors"))
     b = load_file(str(split / "checkpoints" / "step_00000006" / "ema.safetensors"))
     assert a.keys() == b.keys() and len(a) > 10
