@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from contrastive.distributed import DistInfo, world_size
+from contrastive.distributed import DistInfo, gather_objects
 
 log = logging.getLogger("contrastive")
 
@@ -104,13 +104,7 @@ def check_allocation(dist: DistInfo, *, num_workers: int) -> int:
     """Collective: every rank reports; rank 0 logs the allocation line and its warnings. Returns the
     CPUs this rank may count on (for its thread count)."""
     mine = this_rank(dist)
-    reports = [mine]
-    if world_size() > 1:
-        import torch.distributed as torch_dist
-
-        gathered: list = [None] * world_size()
-        torch_dist.all_gather_object(gathered, mine)
-        reports = gathered
+    reports = gather_objects(mine)
     summary = summarize(reports, num_workers=num_workers)
     if dist.is_main:
         log.info(summary.line)

@@ -1,12 +1,32 @@
 """Everything distributed lives here: process-group setup from any launcher, the differentiable
 all-gather, long work on rank 0 that no collective times out on, and small helpers. The rest of the
 code asks `is_main()`, calls `gather_with_grad`, and hands rank 0's long work to `run_on_main`.
+Nothing else calls a `torch.distributed` collective (tests/test_house.py checks it).
 
 Rank and world size come from whichever launcher set the environment (`LAUNCHERS`): torchrun
 (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE), the DeepSpeed launcher (the same, but LOCAL_SIZE
 for the ranks on a node), SLURM's srun (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS,
-SLURM_TASKS_PER_NODE) or OpenMPI's mpirun (OMPI_COMM_WORLD_*). The backend is NCCL on CUDA and gloo
-on CPU; every collective gives up after `trainer.dist_timeout` seconds.
+SLURM_TASKS_PER_NODE) or OpenMPI's mpirun (OMPI_COMM_WORLD_*). Every collective gives up after
+`trainer.dist_timeout` seconds.
+
+Which device a collective's tensor may sit on. NCCL serves CUDA tensors only: a flag made with
+`torch.tensor(...)` on the host and all-reduced on a GPU run fails with "No backend type associated
+with device type cpu", and gloo tests on CPU cannot see it. Two rules make that class of defect
+impossible, each enough alone:
+
+1. **The group serves both devices.** A CUDA run's process group is `"cpu:gloo,cuda:nccl"`
+   (`backend_spec`): torch routes a host tensor to gloo and a device tensor to NCCL, so no
+   collective anywhere (ours, DeepSpeed's, a later change's) can meet a device the group lacks.
+   Object collectives (`all_gather_object`, `broadcast_object_list`) then stay on the host too,
+   instead of copying every pickle to the GPU and back. This is the rule by construction.
+2. **Every helper here puts its tensor where the group serves it** (`_placed`): the run's device
+   when the group does not serve the tensor's own, the result moved back. This keeps a group that
+   refuses host tensors (`trainer.dist_backend=nccl`, or `cuda:gloo`, which the one-GPU check uses
+   to stand in for NCCL across two ranks) working, and keeps the per-step flags on the device,
+   where their collective costs no host round trip.
+
+Collectives at world size 1 are skipped, unless `trainer.force_collectives` asks for them (a one-GPU
+machine can then run every collective for real under NCCL).
 """
 
 from __future__ import annotations
@@ -19,7 +39,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -109,9 +129,30 @@ def choose_device(
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", *, timeout: float = DEFAULT_TIMEOUT) -> DistInfo:
+def backend_spec(device_type: str, requested: str = "auto") -> str:
+    """The process group's backend for a run on `device_type` (`trainer.dist_backend`): on CPU gloo;
+    on CUDA `cpu:gloo,cuda:nccl`, so that the group serves host and device tensors alike (rule 1 of
+    the module docstring); anything else as requested (`nccl`, `cuda:gloo`, `gloo`, ...)."""
+    if requested != "auto":
+        return requested
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+@dataclass
+class _Collectives:
+    device: torch.device = torch.device("cpu")  # this rank's device: where a tensor goes that the group cannot serve
+    forced: bool = False  # trainer.force_collectives: run them at world size 1 too
+
+
+_COLLECTIVES = _Collectives()
+
+
+def init_distributed(
+    device: str = "auto", *, timeout: float = DEFAULT_TIMEOUT, backend: str = "auto", force_collectives: bool = False
+) -> DistInfo:
     """Joins the process group the launcher prepared (if any) and picks this rank's device; every
-    collective gives up after `timeout` seconds (rank 0's long work goes through `run_on_main`)."""
+    collective gives up after `timeout` seconds (rank 0's long work goes through `run_on_main`).
+    `backend`: the group's backend (`backend_spec`); `force_collectives`: collectives run even alone."""
     rank, local_rank, world_size, local_world_size = launcher_env()
     visible = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
     dev = choose_device(
@@ -128,10 +169,12 @@ def init_distributed(device: str = "auto", *, timeout: float = DEFAULT_TIMEOUT) 
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world_size))
+    spec = backend_spec(dev.type, backend)
+    _COLLECTIVES.device, _COLLECTIVES.forced = dev, force_collectives
     if world_size == 1 and not dist.is_initialized():
         # A group of one, so that the training engine (DeepSpeed) runs the same code path alone.
         dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
+            backend=spec,
             store=dist.HashStore(),
             rank=0,
             world_size=1,
@@ -139,7 +182,7 @@ def init_distributed(device: str = "auto", *, timeout: float = DEFAULT_TIMEOUT) 
         )
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
+            backend=spec,
             rank=rank,
             world_size=world_size,
             device_id=dev if dev.type == "cuda" else None,
@@ -162,18 +205,46 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def collectives_on() -> bool:
+    """Whether collectives run: more than one rank, or `trainer.force_collectives` with a group of one."""
+    return dist.is_available() and dist.is_initialized() and (dist.get_world_size() > 1 or _COLLECTIVES.forced)
+
+
+def served_devices() -> set[str]:
+    """The device types the default group's collectives serve (`cpu:gloo,cuda:nccl` -> {cpu, cuda})."""
+    return {part.split(":")[0] for part in dist.get_backend_config().split(",")}
+
+
+def _placed(tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """(`tensor` on a device the group serves, a function that puts a result back where `tensor`
+    was): rule 2 of the module docstring."""
+    if tensor.device.type in served_devices():
+        return tensor, lambda result: result
+    here = tensor.device
+    return tensor.to(_COLLECTIVES.device), lambda result: result.to(here)
+
+
 def barrier() -> None:
-    if world_size() > 1:
+    if collectives_on():
         dist.barrier()
 
 
 def same_on_every_rank(value):
     """Rank 0's `value` on every rank (e.g. a run directory named after the time each rank started)."""
-    if world_size() == 1:
+    if not collectives_on():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order."""
+    if not collectives_on():
+        return [value]
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 class RankZeroError(RuntimeError):
@@ -186,7 +257,7 @@ def run_on_main(work: Callable[[], T], *, what: str, timeout: float = 0.0, poll:
     that the process group's timeout would end. Returns what `work` returned on rank 0 (None on the
     others). If `work` raises on rank 0, or has not finished after `timeout` seconds (0: no limit),
     every rank raises RankZeroError at once, naming `what` and the error, and logs it."""
-    if world_size() == 1:
+    if not collectives_on():
         return _bounded(work, what, timeout)
     result: list = []
     failure: list[str] = []
@@ -245,17 +316,21 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         ctx.rows = tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
+        return _all_gather(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
         # Every rank's loss depends on every slice: sum the gradients of all ranks, keep our slice.
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        grad = all_reduce_sum(grad)
         start = dist.get_rank() * ctx.rows
         return grad[start : start + ctx.rows]
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    tensor, back = _placed(tensor.contiguous())
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return back(torch.cat(parts, dim=0))
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -263,22 +338,79 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
     Every rank must pass the same shape (batches here always have the same number of rows, with
     masks for missing or padded samples)."""
-    if world_size() == 1:
+    if not collectives_on():
         return tensor
     return _GatherWithGrad.apply(tensor)
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 without autograd (masks, labels, evaluation features)."""
-    if world_size() == 1:
+    if not collectives_on():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+    return _all_gather(tensor)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    """The sum over ranks, as a new tensor on `tensor`'s device."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over ranks, as a new tensor on `tensor`'s device."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    if not collectives_on():
+        return tensor
+    placed, back = _placed(tensor)
+    placed = placed.clone() if placed is tensor else placed
+    dist.all_reduce(placed, op=op)
+    return back(placed)
+
+
+class AgreedFlags:
+    """Small per-step flags every rank agrees on (their maximum over ranks) in one device collective,
+    read back one step later, so that reading them never waits for the step in flight.
+
+        flags.post(tensor)   # after step k: starts the all-reduce (asynchronous)
+        flags.collect()      # after step k+1 (or at once, `now=True`): step k's agreed values
+
+    On a GPU the agreed values are copied to pinned host memory behind an event; `collect` waits on
+    that event, i.e. for step k's kernels only, while step k+1's keep the GPU busy."""
+
+    def __init__(self) -> None:
+        self._pending: tuple | None = None
+
+    def post(self, values: torch.Tensor) -> None:
+        """Starts agreeing on `values` (a 1-d tensor on this rank's device); one post at a time."""
+        if self._pending is not None:
+            raise RuntimeError("AgreedFlags.post: the previous flags were not collected")
+        values, _ = _placed(values.float())
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, async_op=True) if collectives_on() else None
+        event, host = None, values
+        if values.device.type == "cuda":
+            if work is not None:
+                work.wait()  # NCCL: the current stream waits for the collective, the host does not
+                work = None
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (work, event, host)
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def collect(self) -> list[float] | None:
+        """The last posted flags, agreed by every rank (None when none is pending)."""
+        if self._pending is None:
+            return None
+        work, event, host = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return host.tolist()

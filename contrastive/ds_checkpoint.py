@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from contrastive.distributed import barrier, rank, run_on_main, world_size
+from contrastive.distributed import all_reduce_sum, barrier, rank, run_on_main, world_size
 
 log = logging.getLogger("contrastive")
 
@@ -89,10 +89,8 @@ def optimizer_moments(engine: Any) -> dict[str, float]:
                 squares[i] += state[key].double().square().sum().cpu()
         if "step" in state:
             steps.append(float(state["step"]))
-    if engine.zero_stage >= 1 and torch.distributed.is_initialized():
-        total = squares.to(engine.device)
-        torch.distributed.all_reduce(total)  # the partitions are disjoint
-        squares = total.cpu()
+    if engine.zero_stage >= 1:
+        squares = all_reduce_sum(squares)  # the partitions are disjoint
     return {"exp_avg": math.sqrt(squares[0]), "exp_avg_sq": math.sqrt(squares[1]), "step": max(steps, default=0.0)}
 
 

@@ -23,6 +23,7 @@ import torch
 
 from contrastive.accumulate import cached_accumulation
 from contrastive.adapters import skip_cpu_shared_memory_allreduce
+from contrastive.distributed import collectives_on
 
 log = logging.getLogger("contrastive.engine")
 
@@ -120,6 +121,9 @@ def deepspeed_config(
         "torch_autocast": {"enabled": precision == "amp_bf16", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device twice a step to time it; our progress
+        # line times steps on the host
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         # a resume on another number of ranks loads a universal checkpoint (contrastive.ds_checkpoint)
         "checkpoint": {"load_universal": load_universal},
     }
@@ -156,9 +160,29 @@ def _no_optimizer_step(optimizer: torch.optim.Optimizer):
             optimizer.step = own
 
 
+# A step's verdict, a number on the device (reading it is the loop's business, a step later):
+APPLIED, BAD_GRADIENT, BAD_LOSS = 0, 1, 2
+
+
+def loss_total(logs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The step's logged loss (the sum of the pair losses, all-reduced: the same on every rank)."""
+    return sum(v for k, v in logs.items() if k.startswith("loss/"))
+
+
 def _finite(logs: Mapping[str, torch.Tensor]) -> bool:
     # The logged pair losses are all-reduced: every rank reaches the same verdict.
-    return math.isfinite(float(sum(v for k, v in logs.items() if k.startswith("loss/"))))
+    return math.isfinite(float(loss_total(logs)))
+
+
+def verdict(bad_loss: torch.Tensor, bad_gradient: torch.Tensor) -> torch.Tensor:
+    """APPLIED, BAD_GRADIENT or BAD_LOSS as a float on the device, from two device booleans."""
+    return torch.where(bad_loss, float(BAD_LOSS), torch.where(bad_gradient, float(BAD_GRADIENT), float(APPLIED)))
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether `optimizer` can skip an update by a device flag (torch's fused Adam/AdamW read
+    `found_inf`, as GradScaler sets it): a non-finite step then costs no host round trip."""
+    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -252,7 +276,13 @@ class Engine:
                 config=config,
                 dist_init_required=False,
             )
-        if self.engine.dp_world_size == 1 and self.zero_stage == 0:
+        # At stage 0 (but for fp16, whose loss scaler decides) we take the norm ourselves, which also
+        # decides whether the step is finite; with torch's fused AdamW the verdict skips the update on
+        # the device (`found_inf`), so an ordinary step reads nothing back to the host.
+        self.own_norm = self.zero_stage == 0 and not config["fp16"]["enabled"]
+        self.device_skip = self.own_clipping and skips_on_device(self.optimizer)
+        self._trained = [p for p in objective.parameters() if p.requires_grad]
+        if self.engine.dp_world_size == 1 and self.zero_stage == 0 and not collectives_on():
             # One rank: nothing to average, yet DeepSpeed would still flatten every gradient into a
             # bucket and all-reduce it (~10 ms a step for the tiny demo model on CPU). ZeRO's own
             # gradient partitioning runs on that path, so only stage 0 skips it.
@@ -262,39 +292,46 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def train_step(self, micro_batches: list[Mapping[str, Any]]) -> tuple[dict[str, torch.Tensor], bool, bool]:
+    def train_step(self, micro_batches: list[Mapping[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimizer step over `micro_batches`, which the loss takes as one batch (cached features,
-        see contrastive.accumulate). Returns (the loss's metrics, whether the loss was finite, whether
-        the update was applied: False for a non-finite loss or gradient, which changes no weight)."""
+        see contrastive.accumulate). Returns (the loss's metrics, the step's verdict as a number on the
+        device: APPLIED, or BAD_LOSS / BAD_GRADIENT for a non-finite step, which changes no weight)."""
         micro = [to_device(batch, self.device) for batch in micro_batches]
-        applied: list[bool] = []
+        verdicts: list[torch.Tensor] = []
         towers: dict[str, torch.Tensor] = {}
+        total: list[torch.Tensor] = []
+
+        def proceed(logs: Mapping[str, torch.Tensor]) -> bool:
+            # where the optimizer skips on the device, a non-finite loss is found after backward
+            # (its gradient is non-finite too); else the host looks now, before any backward
+            total.append(loss_total(logs))
+            return self.device_skip or _finite(logs)
+
         if len(micro) == 1:
             loss, logs = self(micro[0])
-            finite = _finite(logs)
-            if finite:
+            if proceed(logs):
                 self.backward(loss)
                 towers = self.tower_grad_norms() if self.measure else {}
-                applied.append(self.step())
+                verdicts.append(self.step(total[0]))
         else:
 
             def backward(surrogate: torch.Tensor) -> None:
                 self.backward(surrogate)
                 # the whole step's gradients exist only at the last micro-batch (under ZeRO they
                 # sit in reduce buckets until DeepSpeed's accumulation boundary)
-                if self.measure and len(applied) == len(micro) - 1:
+                if self.measure and len(verdicts) == len(micro) - 1:
                     towers.update(self.tower_grad_norms())
-                applied.append(self.step())
+                verdicts.append(self.step(total[0]))
 
             loss, logs = cached_accumulation(
                 lambda b: self(b, embed_only=True),
                 self.objective.loss,
                 micro,
                 backward=backward,
-                proceed=lambda loss, logs: _finite(logs),
+                proceed=lambda loss, logs: proceed(logs),
             )
-            finite = _finite(logs)
-        return {**logs, **towers}, finite, finite and all(applied)
+        status = verdicts[-1] if verdicts else torch.full((), float(BAD_LOSS), device=self.device)
+        return {**logs, **towers}, status
 
     @property
     def measure(self) -> bool:
@@ -307,18 +344,18 @@ class Engine:
             self.objective.loss.measure = on
 
     def tower_grad_norms(self) -> dict[str, torch.Tensor]:
-        """`grad_norm/<tower>`: each tower's whole gradient norm, after backward and before the step
-        (collective under ZeRO: every rank asks; DeepSpeed's safe_get_full_grad gathers partitions)."""
+        """`grad_norm/<tower>`: each tower's whole gradient norm, after backward and before the step,
+        summed on the device in fp32 (read with the step's other metrics; collective under ZeRO:
+        every rank asks; DeepSpeed's safe_get_full_grad gathers partitions)."""
         from deepspeed.utils import safe_get_full_grad
 
         out = {}
         for name, encoder in self.objective.model.encoders.items():
-            squares = torch.zeros((), dtype=torch.float64)
-            for p in encoder.parameters():
-                grad = safe_get_full_grad(p) if p.requires_grad else None
-                if grad is not None:
-                    squares += grad.detach().double().square().sum().cpu()
-            out[f"grad_norm/{name}"] = squares.sqrt()
+            grads = [safe_get_full_grad(p) if p.requires_grad else None for p in encoder.parameters()]
+            norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads if g is not None]
+            out[f"grad_norm/{name}"] = (
+                torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+            )
         return out
 
     def _attention(self):
@@ -336,27 +373,38 @@ class Engine:
         with self._attention():
             self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> bool:
-        """Ends a micro-step (an optimizer step at the accumulation boundary). Returns False when
-        the update was skipped for non-finite gradients."""
+    def step(self, total: torch.Tensor | None = None) -> torch.Tensor:
+        """Ends a micro-step (an optimizer step at the accumulation boundary, of a step whose logged
+        loss is `total`; None: a finite one). Returns the verdict on the device (APPLIED off the
+        boundary)."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and self.zero_stage == 0 and not self.config["fp16"]["enabled"]:
-            # ZeRO 1-3 and fp16 detect overflow themselves; stage 0 would apply it. Gradients are
-            # averaged over ranks by now, so every rank sees the same verdict.
-            params = [p for p in self.objective.parameters() if p.grad is not None]
-            max_norm = self.grad_clip if self.own_clipping and self.grad_clip > 0 else float("inf")
-            self._norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)) if params else 0.0
-            if not math.isfinite(self._norm):
-                for p in self.objective.parameters():
-                    p.grad = None  # a step without gradients changes no weight nor moment
-                self.engine.step()
-                return False
+        if not boundary or not self.own_norm:
+            # ZeRO 1-3 and fp16 detect overflow themselves (and read it on the host)
+            self.engine.step()
+            applied = not boundary or self.engine.was_step_applied()
+            return torch.full((), float(APPLIED if applied else BAD_GRADIENT), device=self.device)
+        # Stage 0 would apply a non-finite step. Gradients are averaged over ranks by now, and the
+        # loss is all-reduced, so every rank reaches the same verdict.
+        grads = [p.grad for p in self._trained if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+        if self.own_clipping and self.grad_clip > 0 and grads:
+            torch.nn.utils.clip_grads_with_norm_(self._trained, self.grad_clip, norm, foreach=True)
+        self._norm = norm
+        bad_loss = (
+            ~torch.isfinite(total) if total is not None else torch.zeros((), dtype=torch.bool, device=norm.device)
+        )
+        status = verdict(bad_loss, bad_loss | ~torch.isfinite(norm))
+        if self.device_skip:
+            self.optimizer.found_inf = (status != APPLIED).float()  # the fused update skips itself
+        elif bool(status != APPLIED):  # one host read: this optimizer cannot skip on the device
+            for p in self.objective.parameters():
+                p.grad = None  # a step without gradients changes no weight nor moment
         self.engine.step()
-        return (not boundary) or self.engine.was_step_applied()
+        return status
 
     def grad_norm(self) -> float:
         """The last optimizer step's global gradient norm (before clipping)."""
-        norm = self._norm if self.zero_stage == 0 and self._norm is not None else self.engine.get_global_grad_norm()
+        norm = self._norm if self.own_norm and self._norm is not None else self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
     @property

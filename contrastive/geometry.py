@@ -5,7 +5,8 @@ Per modality (unit-norm embeddings x of the samples holding it):
 - uniformity: log E exp(-2 ||x_i - x_j||^2) over pairs i != j (Wang & Isola, t = 2); lower is more
   uniform over the sphere, a collapsed space is near 0;
 - effective rank: exp of the entropy of the singular values' distribution (RankMe): how many
-  directions the embeddings really use, from 1 (collapse) to the embedding size;
+  directions the embeddings really use, from 1 (collapse) to the embedding size (the singular values
+  from the eigenvalues of the d x d Gram matrix, not an SVD of the batch);
 - norm: the towers' outputs' mean length before normalisation.
 Per pair (a, b) over the samples holding both:
 - alignment: E ||a_i - b_i||^2 over positives (lower: partners closer);
@@ -37,7 +38,11 @@ def effective_rank(x: torch.Tensor) -> float:
     non-finite batch (which the trainer counts and skips; telemetry must not be what stops it)."""
     if x.shape[0] == 0 or not bool(torch.isfinite(x).all()):
         return float("nan")
-    s = torch.linalg.svdvals(x.double())
+    # the singular values as the square roots of the eigenvalues of the smaller Gram matrix (d x d
+    # for a batch of n >= d rows): one symmetric eigensolve instead of an SVD of the whole batch
+    x = x.double()
+    gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+    s = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
     p = s / s.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))

@@ -2,9 +2,10 @@
 written, and (on SLURM, for the signal sent ahead of the time limit) the job is requeued.
 
 SIGTERM (preemption, `scancel`, a launcher stopping) and SIGUSR1 (`sbatch --signal=USR1@120`, the
-warning before a time limit) only set a flag here. The training loop asks `requested()` after every
-step; the ranks agree through one all-reduce, so all of them stop after the same step even when the
-signal reached them at different moments.
+warning before a time limit) only set a flag here. The training loop hands this rank's `signal` to
+the step's agreed flags (contrastive.distributed.AgreedFlags: one small device all-reduce a step,
+read a step later) and tells every rank the agreed signal through `agreed`, so all of them stop
+after the same step even when the signal reached them at different moments.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import os
 import signal
 import subprocess
 
-import torch
-import torch.distributed as dist
+from contrastive.distributed import is_main
 
 log = logging.getLogger("contrastive")
 
@@ -35,14 +35,14 @@ class StopRequest:
             )
         self.signal = self.signal or signum
 
-    def requested(self) -> bool:
-        """Collective: True on every rank once any rank received a signal."""
-        flag = torch.tensor([0 if self.signal is None else int(self.signal)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signal is None:
-            self.signal = int(flag.item())
-        return bool(flag.item())
+    def pending(self) -> int:
+        """This rank's signal (0: none), for the ranks to agree on."""
+        return int(self.signal or 0)
+
+    def agreed(self, signum: int) -> None:
+        """The signal the ranks agreed on: a rank that received none stops for another's."""
+        if signum and self.signal is None:
+            self.signal = int(signum)
 
     def requeue_if_slurm(self) -> bool:
         """After a SIGUSR1 (time limit ahead) inside a SLURM job, rank 0 requeues the job; it then
@@ -55,7 +55,7 @@ class StopRequest:
         )
         if self.signal != signal.SIGUSR1 or not job:
             return False
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_main():
             out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if out.returncode != 0:
                 log.error("scontrol requeue %s failed: %s", job, out.stderr.strip())

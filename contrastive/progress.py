@@ -53,9 +53,11 @@ class Progress:
         self.lines = enabled and self.bar is None  # a plain line per report where no bar redraws
         self.first_step, self.started = start_step, time.perf_counter()
         self.samples = self.time = self.data_time = 0.0
+        self.loss: float | None = None  # the last logging step's
 
-    def step(self, step: int, *, samples: int, seconds: float, data_seconds: float, loss: float) -> None:
-        """After each step: this rank's samples (every rank has as many) and where the time went."""
+    def step(self, step: int, *, samples: int, seconds: float, data_seconds: float) -> None:
+        """After each step: this rank's samples (every rank has as many) and where the time went. The
+        bar shows the loss of the last logging step (reading each step's would wait for the device)."""
         self.samples += samples * self.world_size
         self.time += seconds
         self.data_time += data_seconds
@@ -63,7 +65,7 @@ class Progress:
             figures = self.figures()
             self.bar.update(1)
             self.bar.set_postfix(
-                loss=f"{loss:.3f}",
+                loss="-" if self.loss is None else f"{self.loss:.3f}",
                 samples_s=f"{figures['samples_per_s']:.0f}",
                 data_wait=f"{figures['data_wait_frac']:.0%}",
                 mfu=f"{figures['mfu']:.1%}",
@@ -81,6 +83,7 @@ class Progress:
         """At a logging step: the window's figures (then a new window), and the line when there is no bar."""
         figures = self.figures()
         self.samples = self.time = self.data_time = 0.0
+        self.loss = metrics.get("loss")
         elapsed = time.perf_counter() - self.started
         done = step - self.first_step
         eta = elapsed / done * (self.total - step) if done else float("nan")

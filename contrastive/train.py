@@ -12,10 +12,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
+import torch
+
 from contrastive.data.decode import PER_SHARD, broken_shards
 from contrastive.data.pipeline import DataPosition, ShardDataset
 from contrastive.data.shards import DataError
-from contrastive.distributed import world_size
+from contrastive.distributed import AgreedFlags, gather_objects
+from contrastive.engine import APPLIED, BAD_GRADIENT
 from contrastive.progress import Progress
 from contrastive.tracking import MetricsLogger
 
@@ -34,12 +37,16 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling) | amp_bf16 (autocast)
     attention: str = "auto"  # SDPA kernels: auto | default | math | flash | efficient | cudnn (contrastive.engine)
     tf32: bool = True  # on GPUs, fp32 matmuls and convolutions in TF32 (as open_clip's trainer); cuDNN autotunes
+    compile: bool = False  # torch.compile every tower in place (model.towers.<name>.compile sets it per tower)
     threads: int = 0  # torch intra-op threads per rank; 0: on CPU, measured in the first steps (contrastive.threads)
     unmasked_steps: int = 0  # the last N steps without patch dropout (FLIP's unmasked tuning)
     # the weights' moving average (contrastive.ema): {decay: 0.9998, start_step: 0, every: 1, export: false};
     # empty: none
     ema: Dict[str, Any] = field(default_factory=dict)
     log_every: int = 10  # steps between metrics rows (and log lines when stdout is not a terminal)
+    # steps between measuring steps (the batch's geometry, each pair's share of the gradients, the
+    # towers' gradient norms), each logged in its own row; and the last step. 0: the last step only
+    measure_every: int = 100
     eval_every: int = 0  # steps; 0 evaluates at the end only
     save_every: int = 0  # steps; 0 saves at the end only
     keep_last: int = 2  # checkpoints kept
@@ -47,6 +54,10 @@ class TrainerConfig:
     # in an empty run directory fetches from there (see contrastive.checkpoint)
     checkpoint_dir: Optional[str] = None
     dist_timeout: int = 1800  # seconds any collective waits before the run gives up (NCCL's and gloo's timeout)
+    # the process group's backend: auto (gloo on CPU; cpu:gloo,cuda:nccl on GPUs, serving host and device
+    # tensors alike) | nccl | gloo | cuda:gloo | ... (contrastive.distributed.backend_spec)
+    dist_backend: str = "auto"
+    force_collectives: bool = False  # run every collective even with one rank (checks the multi-rank path on one GPU)
     # seconds rank 0's long work may take: a checkpoint's upload, a fetch, a universal conversion, the
     # export (0: no limit); the other ranks wait for it in short heartbeats, not in one collective
     transfer_timeout: int = 14400
@@ -170,14 +181,8 @@ def check_replay(meta: Mapping[str, Any], dataset: ShardDataset) -> None:
 
 def sum_counts(counts: Mapping[str, int]) -> Counter:
     """Adds up counters from every rank (keys may differ between ranks)."""
-    if world_size() == 1:
-        return Counter(counts)
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, dict(counts))
     total: Counter = Counter()
-    for part in parts:
+    for part in gather_objects(dict(counts)):
         total.update(part)
     return total
 
@@ -188,7 +193,8 @@ class Hooks:
 
     save: Callable[[TrainState], Any]  # write a checkpoint of this state
     evaluate: Callable[[int], dict[str, float]] | None = None  # metrics at this step
-    stop_requested: Callable[[], bool] = lambda: False  # asked after every step (collective)
+    stop_signal: Callable[[], int] = lambda: 0  # this rank's stop signal (0: none), agreed with the others each step
+    stopped: Callable[[int], None] = lambda signum: None  # told the signal the ranks agreed to stop for
     check_counts: Callable[[Counter], None] = lambda counts: None  # raises when too much input was bad
     record_keys: Callable[[int, list[str]], None] | None = None  # each step's sample keys
     unmask: Callable[[], None] = lambda: None  # patch dropout off, for the last trainer.unmasked_steps
@@ -197,13 +203,64 @@ class Hooks:
     after_step: Callable[[int, float], None] = lambda step, seconds: None  # each step's wall time
 
 
-def step_metrics(engine: Any, state: TrainState, logs: Mapping[str, Any], loss: float, progress: Progress) -> dict:
+def host_values(logs: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics as floats, the device's read back in one transfer (not one round trip each)."""
+    tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in logs.items() if k not in tensors}
+    if tensors:
+        stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in tensors.values()])
+        out.update(zip(tensors, stacked.tolist()))
+    return out
+
+
+class StepVerdicts:
+    """Each step's verdict (applied, or skipped for a non-finite loss or gradient) and the stop signals,
+    agreed by every rank in one small collective a step (contrastive.distributed.AgreedFlags) and read
+    a step later, so that an ordinary step never waits for the device. Counts the skipped steps, ends
+    the run after `max_bad` in a row, and says when the ranks agreed to stop."""
+
+    def __init__(self, max_bad: int, hooks: "Hooks"):
+        self.flags, self.max_bad, self.hooks = AgreedFlags(), max_bad, hooks
+        self.posted_step, self.bad_in_a_row, self.stop = 0, 0, False
+
+    def post(self, step: int, status: torch.Tensor) -> None:
+        signal = torch.full((), float(self.hooks.stop_signal()), device=status.device)
+        self.flags.post(torch.stack([status.reshape(()).float(), signal]))
+        self.posted_step = step
+
+    def settle(self, state: "TrainState") -> bool:
+        """Acts on the posted step's agreed flags, if any; True once the ranks agreed to stop."""
+        values = self.flags.collect()
+        if values is None:
+            return self.stop
+        status, signal = int(values[0]), int(values[1])
+        if status == APPLIED:
+            self.bad_in_a_row = 0
+        else:
+            state.skipped_steps += 1
+            self.bad_in_a_row += 1
+            what = "gradient" if status == BAD_GRADIENT else "loss"
+            log.warning(
+                "step %d: non-finite %s, update skipped (%d in a row)", self.posted_step, what, self.bad_in_a_row
+            )
+            if self.bad_in_a_row >= self.max_bad:
+                raise FloatingPointError(
+                    f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
+                    "checkpoint predates them: lower the learning rate or check the data, then resume."
+                )
+        if signal:
+            self.stop = True
+            self.hooks.stopped(signal)
+        return self.stop
+
+
+def step_metrics(engine: Any, state: TrainState, logs: Mapping[str, Any], progress: Progress) -> dict:
     """A logging step's row: the loss's metrics, learning rates, gradient norm, the data's counters
     (all ranks) and the progress figures (which also print the log line)."""
-    metrics = {k: float(v) for k, v in logs.items()}
+    metrics = host_values(logs)
     metrics.update({f"lr/{name}": lr for name, lr in engine.lrs().items()})
     metrics.update(
-        loss=loss,
+        loss=sum(v for k, v in metrics.items() if k.startswith("loss/")),
         grad_norm=engine.grad_norm(),
         lr=engine.lr,
         epoch=state.position.epoch,
@@ -229,7 +286,7 @@ def train_loop(
     which the loss sees as one batch (contrastive.engine.Engine.train_step)."""
     end = min(settings.max_steps, settings.stop_at_step) if settings.stop_at_step else settings.max_steps
     local_counts: Counter = Counter()
-    bad_in_a_row = 0
+    verdicts = StepVerdicts(settings.max_bad_steps, hooks)
     engine.train()
     unmasked = False
     while state.step < end:
@@ -242,54 +299,46 @@ def train_loop(
         t_data = time.perf_counter() - t0
         for batch in micro:
             local_counts.update(batch.pop("counts"))
+        step = state.step + 1
         if hooks.record_keys is not None:
-            hooks.record_keys(state.step + 1, [k for b in micro for k in b["__key__"] if k])
+            hooks.record_keys(step, [k for b in micro for k in b["__key__"] if k])
 
-        # the steps that log also measure: the batch's geometry, the gradients' shares and norms
-        engine.measure = (state.step + 1) % settings.log_every == 0 or state.step + 1 == end
-        logs, finite, applied = engine.train_step(micro)
-        if applied:
-            bad_in_a_row = 0
-        else:
-            state.skipped_steps += 1
-            bad_in_a_row += 1
-            log.warning(
-                "step %d: non-finite %s, update skipped (%d in a row)",
-                state.step + 1,
-                "gradient" if finite else "loss",
-                bad_in_a_row,
-            )
-            if bad_in_a_row >= settings.max_bad_steps:
-                raise FloatingPointError(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
-                    "checkpoint predates them: lower the learning rate or check the data, then resume."
-                )
-        state.step += 1
-        hooks.after_update(state.step)
-        loss = float(sum(v for k, v in logs.items() if k.startswith("loss/")))
+        # a measuring step also takes the batch's geometry and the gradients' shares and norms
+        measuring = step == end or bool(settings.measure_every and step % settings.measure_every == 0)
+        engine.measure = measuring
+        logs, status = engine.train_step(micro)
+        state.step = step
+        hooks.after_update(step)
         seconds = time.perf_counter() - t0
-        progress.step(
-            state.step, samples=sum(len(b["__key__"]) for b in micro), data_seconds=t_data, seconds=seconds, loss=loss
-        )
-        hooks.after_step(state.step, seconds)
+        progress.step(step, samples=sum(len(b["__key__"]) for b in micro), data_seconds=t_data, seconds=seconds)
+        hooks.after_step(step, seconds)
+        # the step before's verdict and stop signals, agreed; then this step's, to read after the next
+        stop = verdicts.settle(state)
+        verdicts.post(step, status)
 
-        if state.step % settings.log_every == 0 or state.step == end:
+        logging = step % settings.log_every == 0 or step == end or measuring
+        evaluating = (
+            hooks.evaluate is not None
+            and settings.eval_every
+            and step % settings.eval_every == 0
+            and step < settings.max_steps
+        )
+        saving = settings.save_every and step % settings.save_every == 0 and step < end
+        if logging or evaluating or saving:
+            stop = verdicts.settle(state)  # what they record counts this step's verdict too
+        if logging:
             state.counts.update(sum_counts(local_counts))
             local_counts.clear()
             hooks.check_counts(state.counts)
-            logger.log(state.step, step_metrics(engine, state, logs, loss, progress))
-        if (
-            hooks.evaluate is not None
-            and settings.eval_every
-            and state.step % settings.eval_every == 0
-            and state.step < settings.max_steps
-        ):
-            logger.log(state.step, hooks.evaluate(state.step))
-        if settings.save_every and state.step % settings.save_every == 0 and state.step < end:
+            logger.log(step, step_metrics(engine, state, logs, progress))
+        if evaluating:
+            logger.log(step, hooks.evaluate(step))
+        if saving:
             hooks.save(state)
-        if hooks.stop_requested():
+        if stop:
             break  # the caller checkpoints
 
+    verdicts.settle(state)
     progress.close()
     state.counts.update(sum_counts(local_counts))
     return state

@@ -118,7 +118,12 @@ def build_run(spec: RunSpec, run_dir: Path) -> Run:
     """The process group, the checkpoint to resume from (which decides how the engine loads it), the
     model in its engine, the data, the evaluation."""
     trainer, data = spec.trainer, spec.data
-    dist = init_distributed(trainer.device, timeout=trainer.dist_timeout)
+    dist = init_distributed(
+        trainer.device,
+        timeout=trainer.dist_timeout,
+        backend=trainer.dist_backend,
+        force_collectives=trainer.force_collectives,
+    )
     run_dir = same_on_every_rank(run_dir)
     cpus = check_allocation(dist, num_workers=data.num_workers)
     threads = None
@@ -156,7 +161,10 @@ def build_engine(spec: RunSpec, dist: DistInfo, *, load_universal: bool = False)
         modalities, embed_dim=spec.model.embed_dim, loss=build_loss(list(modalities), spec.loss)
     )
     load_released_weights(objective.model)  # modality.<name>.pretrained
-    apply_tower_settings(objective.model, spec.model.towers)
+    towers = dict(spec.model.towers)
+    if trainer.compile:  # every tower, unless its own settings say otherwise
+        towers = {name: {"compile": True, **dict(towers.get(name) or {})} for name in objective.model.encoders}
+    apply_tower_settings(objective.model, towers)
     if spec.distill.teacher:
         if trainer.accumulate > 1:
             raise ConfigError("distill: not with trainer.accumulate > 1 (the teacher would need every micro-batch)")
@@ -286,7 +294,8 @@ def hooks(run: Run, start_step: int) -> Hooks:
     return Hooks(
         save=lambda state: save(run, state),
         evaluate=(lambda step: evaluate(run, step)) if run.evaluator is not None else None,
-        stop_requested=run.stop.requested,
+        stop_signal=run.stop.pending,
+        stopped=run.stop.agreed,
         check_counts=lambda counts: check_bad_fraction(
             counts, max_fraction=data.max_bad_fraction, min_slots=data.bad_check_after
         ),

@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, device: str = "cpu") -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, device: str = "cpu", init=None) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -30,7 +30,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, d
         torch.set_num_threads(1)
         from contrastive.distributed import init_distributed
 
-        init_distributed(device)
+        init_distributed(device, **(init or {}))
         # Sent as bytes: tensors put on a queue directly travel by shared memory, which vanishes
         # when this process exits before the parent has read them.
         buf = io.BytesIO()
@@ -45,11 +45,14 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, d
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300, device: str = "cpu") -> list[Any]:
+def run_ranks(
+    world: int, fn: Callable, *args: Any, timeout: float = 300, device: str = "cpu", init: dict | None = None
+) -> list[Any]:
+    """fn(*args) on `world` ranks; `init`: init_distributed's keywords (backend, force_collectives)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, device)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, device, init)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -239,3 +239,64 @@ def test_attention_kernels_are_chosen_by_config():
     # bf16 on CPU: auto is the math kernel, bit for bit.
     auto_bf16, math_bf16 = runs["auto", "bf16"], runs["math", "bf16"]
     assert auto_bf16 == math_bf16 and all(torch.isfinite(torch.tensor(auto_bf16)))
+
+
+def _steps_read_back(precision: str, stage: int, fused: bool) -> dict:
+    """Host reads (contrastive.syncs) of an ordinary step and of a poisoned one, and what the poisoned
+    step changed: a step's verdict is decided on the device wherever the optimizer can skip there."""
+    from contrastive.builders import build_objective, build_optimizer
+    from contrastive.engine import APPLIED, BAD_GRADIENT, BAD_LOSS, Engine, EngineConfig, deepspeed_config
+    from contrastive.syncs import HostReads
+
+    from datasets import tiny_modalities
+
+    torch.manual_seed(0)
+    objective = build_objective(tiny_modalities(("image", "text")), embed_dim=16)
+    opt, _ = build_optimizer(
+        objective, optimizer=lambda g: torch.optim.AdamW(g, lr=1e-3, fused=fused), scheduler=None, total_steps=10
+    )
+    config = deepspeed_config(EngineConfig(zero_stage=stage), micro_batch_size=4, world_size=1, precision=precision)
+    engine = Engine(objective, opt, None, config)
+    ones = torch.ones(4, dtype=torch.bool)
+
+    def batch(image=None):
+        return {
+            "image": torch.randn(4, 3, 32, 32) if image is None else image,
+            "text": torch.randint(1, 100, (4, 16)),
+            "mask": {"image": ones.clone(), "text": ones.clone()},
+        }
+
+    engine.train_step([batch()])  # the optimizer's states exist from here on
+    with HostReads() as ordinary:
+        _, status = engine.train_step([batch()])
+    weights = [p.detach().clone() for p in objective.parameters()]
+    steps = {int(s["step"]) for s in opt.state.values() if "step" in s}
+    _, poisoned = engine.train_step([batch(torch.full((4, 3, 32, 32), float("nan")))])
+    unchanged = all(torch.equal(w, p.detach()) for w, p in zip(weights, objective.parameters()))
+    return {
+        "reads": ordinary.count,
+        "status": int(status),
+        "poisoned": int(poisoned),
+        "unchanged": unchanged,
+        "steps": (steps, {int(s["step"]) for s in opt.state.values() if "step" in s}),
+        "codes": (APPLIED, BAD_GRADIENT, BAD_LOSS),
+    }
+
+
+def _both_optimizers(precision: str) -> list[dict]:
+    return [_steps_read_back(precision, 0, fused) for fused in (True, False)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
+def test_an_ordinary_step_reads_nothing_back_and_a_nonfinite_one_changes_nothing(precision):
+    from dist_utils import run_ranks
+
+    ((device, host),) = run_ranks(1, _both_optimizers, precision)
+    applied, _, bad_loss = device["codes"]
+    assert device["reads"] == 0 and device["status"] == applied  # fused AdamW skips by a device flag
+    # another optimizer: the host decides (one read a step; torch's unfused AdamW reads its step
+    # counts too, which a GPU run keeps on the host)
+    assert host["reads"] >= 1
+    for run in (device, host):
+        assert run["poisoned"] == bad_loss and run["unchanged"], run
+        assert run["steps"] == ({2}, {2}), run  # no moment nor step count moved

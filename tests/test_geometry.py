@@ -22,6 +22,15 @@ B = F.normalize(
 )
 
 
+def test_effective_rank_from_the_gram_matrix_equals_the_svd_of_the_batch():
+    g = torch.Generator().manual_seed(0)
+    for rows, dim in ((300, 16), (8, 64), (64, 64)):  # more rows than dimensions, fewer, as many
+        x = F.normalize(torch.randn(rows, dim, generator=g) @ torch.randn(dim, dim, generator=g), dim=-1)
+        s = torch.linalg.svdvals(x.double())
+        p = s / s.sum()
+        assert effective_rank(x) == pytest.approx(math.exp(-float((p * p.log()).sum())), rel=1e-9)
+
+
 def test_each_quantity_equals_its_hand_computation():
     n = len(A)
     pairs = [(i, j) for i, j in itertools.product(range(n), repeat=2) if i != j]

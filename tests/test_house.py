@@ -131,3 +131,28 @@ def test_no_function_of_80_lines():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
     ]
     assert max(sizes)[0] < 80, sorted(sizes)[-5:]
+
+
+def distributed_uses(path: Path) -> list[str]:
+    """Imports of torch.distributed, and `torch.distributed.<x>` reached through `torch`, in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [module] + [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and node.attr == "distributed":
+            names = ["torch.distributed"] if getattr(node.value, "id", None) == "torch" else []
+        found += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names if n.startswith("torch.distributed")]
+    return found
+
+
+def test_no_collective_outside_the_distributed_module():
+    """NCCL serves CUDA tensors only, and the gloo tests cannot tell: every collective goes through
+    contrastive/distributed.py, whose helpers put each tensor where the group serves it."""
+    home = REPO / "contrastive" / "distributed.py"
+    found = [hit for path in SOURCES if path != home for hit in distributed_uses(path)]
+    assert not found, "torch.distributed used outside contrastive/distributed.py:\n" + "\n".join(found)
+    assert distributed_uses(home)  # the check sees them where they are

@@ -14,7 +14,7 @@ def test_a_line_per_report_when_stdout_is_not_a_terminal(caplog):
     assert progress.bar is None
     with caplog.at_level(logging.INFO, logger="contrastive.train"):
         for step in range(1, 11):
-            progress.step(step, samples=8, seconds=0.1, data_seconds=0.02, loss=3.0)
+            progress.step(step, samples=8, seconds=0.1, data_seconds=0.02)
         figures = progress.report(
             10, {"loss": 3.0, "loss/image-text": 1.5, "loss/audio-text": 1.5, "lr": 1e-3, "epoch": 1}
         )
@@ -31,7 +31,7 @@ def test_a_line_per_report_when_stdout_is_not_a_terminal(caplog):
 def test_a_bar_and_no_lines_on_a_terminal(caplog):
     progress = Progress(start_step=5, total_steps=10, world_size=1, terminal=True)
     with caplog.at_level(logging.INFO, logger="contrastive.train"):
-        progress.step(6, samples=4, seconds=0.1, data_seconds=0.0, loss=1.0)
+        progress.step(6, samples=4, seconds=0.1, data_seconds=0.0)
         progress.report(6, {"loss": 1.0, "lr": 1e-3})
     progress.close()
     assert progress.bar is not None and progress.bar.n == 6 and not caplog.records

@@ -15,19 +15,13 @@ from typing import Any, Callable
 import torch
 
 from contrastive.data.pipeline import ShardDataset, loader_batches
-from contrastive.distributed import gather_no_grad, rank, world_size
+from contrastive.distributed import gather_no_grad, gather_objects, rank, world_size
 from contrastive.model import ContrastiveModel
 
 
-def gather_objects(items: list[Any]) -> list[Any]:
+def gather_items(items: list[Any]) -> list[Any]:
     """Every rank's `items`, concatenated in rank order."""
-    if world_size() == 1:
-        return list(items)
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
+    return [x for part in gather_objects(list(items)) for x in part]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -46,7 +40,7 @@ def _gather_streamed(names, chunks, masks, extra_emb, extra_rows, keys, labels, 
         "groups": groups,
     }
     out = ({n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}, [], [], [])
-    for part in gather_objects([mine]):
+    for part in gather_items([mine]):
         before = len(out[4])
         for n in names:
             if len(part["keys"]):
@@ -98,7 +92,7 @@ def embed_dataset(
     labels: list[Any] = []
     groups: list[Any] = []
     rows_before = 0  # rows gathered so far, padding included
-    gather, gather_list = (gather_no_grad, gather_objects) if not dataset.streamed else (_local, list)
+    gather, gather_list = (gather_no_grad, gather_items) if not dataset.streamed else (_local, list)
     with loader_batches(dataset) as stream:
         for batch in stream:
             with autocast() if autocast else nullcontext():
