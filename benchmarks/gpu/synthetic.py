@@ -32,11 +32,13 @@ def _sample(args: tuple[int, int, float, bool]) -> dict:
     return sample
 
 
-def shards_stage(s: dict, work: Path) -> dict:
+def shards_stage(s: dict, work: Path, kinds: tuple[str, ...] = ("image_text", "trimodal")) -> dict:
     from contrastive.data.shards import ShardWriter
 
     out = {}
     for name, audio in (("image_text", False), ("trimodal", True)):
+        if name not in kinds:
+            continue
         folder = work / name
         jobs = [(i, s["image_size"], s["audio_seconds"], audio) for i in range(s["samples"])]
         with multiprocessing.get_context("fork").Pool(min(16, os.cpu_count() or 1)) as pool:
