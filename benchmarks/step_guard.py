@@ -1,0 +1,169 @@
+"""The CPU lead, guarded: contrastive-train's step against open_clip's trainer's on the tiny towers in
+fp32, both run by this script one after the other so that their ratio holds on a noisy machine, and
+a non-zero exit when ours falls below `--floor` times open_clip's.
+
+    .venv/bin/python benchmarks/step_guard.py                # 2 runs a side, 300 steps each (~3 min)
+    .venv/bin/python benchmarks/step_guard.py --floor 1.15   # what .ci/run runs
+    .venv/bin/python benchmarks/step_guard.py --tree /tmp/old  # ours from another checkout (bisecting)
+
+The two sides are vs_open_clip.py's (the same image-text shards, towers, batch 64, AdamW, warm-up and
+cosine, clipping, one torch thread, one loader worker, one process), each in its default logging:
+ours every 10 steps (`trainer.log_every`, with measuring at its default), open_clip's every 10
+(`--log-every-n-steps`). A side's figure is the median over its logging windows of the window's mean
+step time (data loading included), the first window left out as warm-up; the ratio is open_clip's
+over ours. open_clip's trainer reads its shards with webdataset 0.2.86, installed (with pandas) into
+a folder of its own on first use, as benchmarks/gpu/check.sh --dry-run does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+from synthetic import shards_stage  # noqa: E402
+from vs_open_clip import COMMON, CONFIGS  # noqa: E402
+
+SITE = REPO / ".open-clip-site"  # webdataset 0.2.86 and pandas for open_clip_train (ignored by git)
+
+
+def open_clip_site() -> Path:
+    if not (SITE / "webdataset").exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--target",
+             str(SITE), "webdataset==0.2.86", "pandas", "python-dateutil", "pytz", "tzdata"],
+            check=True,
+        )  # fmt: skip
+    return SITE
+
+
+def ours(data: Path, run_dir: Path, steps: int, seed: int, tree: Path, log_every: int) -> list[float]:
+    """Each logging window's mean step time (s) of contrastive-train from the checkout `tree`."""
+    cfg = CONFIGS["tiny"]
+    v, t = cfg["vision"], cfg["text"]
+    args = [
+        "modalities=[image,text]",
+        "model=tiny",
+        f"model.embed_dim={cfg['embed_dim']}",
+        f"data.train={data}",
+        "data.eval=null",
+        "export=false",
+        f"trainer.max_steps={steps}",
+        f"data.batch_size={COMMON['batch_size']}",
+        f"data.num_workers={COMMON['workers']}",
+        f"trainer.threads={COMMON['threads']}",
+        f"trainer.log_every={log_every}",
+        f"optim.optimizer.lr={cfg['lr']}",
+        f"optim.optimizer.weight_decay={COMMON['weight_decay']}",
+        f"optim.optimizer.betas=[{COMMON['betas'][0]},{COMMON['betas'][1]}]",
+        f"optim.optimizer.eps={COMMON['eps']}",
+        "optim.no_decay=[logit_scale]",
+        f"optim.scheduler.warmup_steps={COMMON['warmup']}",
+        f"optim.grad_clip={COMMON['grad_clip']}",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+        f"modality.image.image_size={cfg['image_size']}",
+        *[f"modality.image.{k}={x}" for k, x in v.items()],
+        *[f"modality.text.{k}={x}" for k, x in t.items()],
+        f"trainer.seed={seed}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(COMMON["threads"]), "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "contrastive.cli.train", *args], cwd=tree, capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"contrastive-train failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [COMMON["batch_size"] / r["samples_per_s"] for r in rows if "samples_per_s" in r]
+
+
+def theirs(data: Path, run_dir: Path, steps: int, seed: int, log_every: int) -> list[float]:
+    """Each logging window's mean step time (s) of open_clip_train.main on the same shards."""
+    cfg = CONFIGS["tiny"]
+    model_dir = run_dir / "model"
+    model_dir.mkdir(parents=True)
+    model_cfg = {"embed_dim": cfg["embed_dim"], "vision_cfg": {"image_size": cfg["image_size"], **cfg["vision"]}}
+    model_cfg["text_cfg"] = cfg["text"]
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    shards = sorted(data.glob("*.tar"))
+    c = COMMON
+    args = [
+        "--train-data", f"{data}/it-{{000000..{len(shards) - 1:06d}}}.tar", "--dataset-type", "webdataset",
+        "--dataset-resampled", "--train-num-samples", str(steps * c["batch_size"]), "--batch-size",
+        str(c["batch_size"]), "--epochs", "1", "--workers", str(c["workers"]), "--model", f"local-dir:{model_dir}",
+        "--lr", str(cfg["lr"]), "--wd", str(c["weight_decay"]), "--warmup", str(c["warmup"]),
+        "--beta1", str(c["betas"][0]), "--beta2", str(c["betas"][1]), "--eps", str(c["eps"]),
+        "--grad-clip-norm", str(c["grad_clip"]), "--precision", "fp32", "--log-every-n-steps", str(log_every),
+        "--save-frequency", "0", "--logs", str(run_dir), "--name", "run", "--seed", str(seed), "--device", "cpu",
+        "--report-to", "",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(c["threads"]), "PYTHONPATH": str(open_clip_site())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "open_clip_train.main", *args], cwd=run_dir, capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    log = (run_dir / "run" / "out.log").read_text()
+    return [float(x) for x in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=2, help="runs a side, alternating")
+    parser.add_argument("--floor", type=float, default=0.0, help="exit 1 when ours / open_clip's is below it")
+    parser.add_argument("--tree", type=Path, default=REPO, help="the checkout whose contrastive is 'ours'")
+    parser.add_argument("--log-every", type=int, default=10, help="both sides' logging interval (steps)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="step-guard-"))
+    settings = {"image_size": CONFIGS["tiny"]["image_size"], "audio_seconds": 1.0, "samples": 2048}
+    data = Path(shards_stage(settings, work, kinds=("image_text",))["image_text"]["path"])
+    windows: dict[str, list[float]] = {"ours": [], "open_clip": []}
+    for rep in range(args.repeats):
+        for side in ("ours", "open_clip") if rep % 2 == 0 else ("open_clip", "ours"):
+            run_dir = work / f"{side}-{rep}"
+            got = (
+                ours(data, run_dir, args.steps, rep, args.tree.resolve(), args.log_every)
+                if side == "ours"
+                else theirs(data, run_dir, args.steps, rep, args.log_every)
+            )
+            got = got[max(1, 20 // args.log_every) :]  # the first 20 steps (or window): warm-up
+            windows[side] += got
+            print(f"{side} run {rep + 1}: median window step {1e3 * statistics.median(got):.1f} ms", flush=True)
+    medians = {side: statistics.median(w) for side, w in windows.items()}
+    ratio = medians["open_clip"] / medians["ours"]
+    from contrastive.flops import cpu_name
+
+    result = {
+        "ours_samples_per_s": COMMON["batch_size"] / medians["ours"],
+        "open_clip_samples_per_s": COMMON["batch_size"] / medians["open_clip"],
+        "ratio": ratio,
+        "floor": args.floor,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "tree": str(args.tree),
+        "log_every": args.log_every,
+        "cpu": cpu_name(),
+    }
+    print(
+        f"ours {result['ours_samples_per_s']:.0f} samples/s, open_clip {result['open_clip_samples_per_s']:.0f}: "
+        f"{ratio:.2f}x" + (f" (floor {args.floor:.2f}x)" if args.floor else ""),
+        flush=True,
+    )
+    print(json.dumps(result))
+    if ratio < args.floor:
+        print(f"step_guard: ours is {ratio:.2f}x open_clip's, below the floor of {args.floor:.2f}x", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
