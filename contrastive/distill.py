@@ -44,6 +44,9 @@ class DistillSettings:
     weight: float = 1.0  # the distillation term's weight beside the contrastive loss
     kind: str = "logits"  # logits | features | both
     temperature: float = 1.0  # divides both models' logits in the `logits` term
+    # the teacher's logit scale for every pair, when the teacher does not say (its own is used otherwise:
+    # an export's config.json, a checkpoint's temperatures, a released open_clip model's logit_scale)
+    teacher_scale: Optional[float] = None
 
 
 class Teacher:
@@ -51,7 +54,12 @@ class Teacher:
     modalities it has, and its logit scale per pair. A plain object, not a module."""
 
     def __init__(self, model: Any = None, features: Mapping[str, Any] | None = None, scales=None):
-        self.model, self.features, self.scales = model, features, dict(scales or {})
+        self.model, self.features = model, features
+        # a pair's scale under either order of its name ("image-text" is "text-image")
+        self.scales = {}
+        for name, scale in dict(scales or {}).items():
+            a, _, b = name.partition("-")
+            self.scales[name] = self.scales[f"{b}-{a}"] = float(scale)
         self.modalities = list(model.encoders) if model is not None else list(features)
         self._on: torch.device | None = None
 
@@ -97,7 +105,9 @@ def load_teacher(spec: str) -> Teacher:
         for name in made["modalities"]:
             array, keys, _ = load_embeddings(where, name)
             features[name] = ({k: i for i, k in enumerate(keys)}, torch.from_numpy(array).float())
-        return Teacher(features=features, scales=exported_scales(made["model"]))
+        # the scales contrastive-embed stored beside the features (an embed.json of before them: the export's)
+        scales = made["logit_scale"] if "logit_scale" in made else exported_scales(made["model"])
+        return Teacher(features=features, scales=scales)
     from contrastive.export import load_model_spec
 
     model, scales = load_model_spec(spec)
@@ -127,6 +137,14 @@ class Distillation(nn.Module):
             raise ConfigError(f"distill.kind: expected one of {KINDS}, got {settings.kind!r}")
         self.settings, self.teacher = settings, teacher
         self.pairs = [p for p in pairs if p[0] in teacher.modalities and p[1] in teacher.modalities]
+        given = settings.teacher_scale
+        self.teacher_scales = {f"{a}-{b}": given or teacher.scales.get(f"{a}-{b}") for a, b in self.pairs}
+        unknown = [name for name, scale in self.teacher_scales.items() if not scale]
+        if settings.kind != "features" and unknown:
+            raise ConfigError(
+                f"distill.teacher={settings.teacher}: its logit scale for {unknown} is unknown (the teacher's "
+                "softmax targets follow it: a released CLIP's is ~100); set distill.teacher_scale"
+            )
         self.projections = nn.ModuleDict()
         if settings.kind != "logits":
             dims = teacher_dims(teacher)
@@ -161,7 +179,7 @@ class Distillation(nn.Module):
         """Both directions' soft cross-entropy over the global batch, this rank's rows' share of the mean."""
         (ta, va), (tb, vb) = teacher_a, teacher_b
         valid = va & vb
-        t_scale = self.teacher.scales.get(name, 1 / 0.07)
+        t_scale = self.teacher_scales[name]
         tau = self.settings.temperature
         count = gather_no_grad(valid).sum().clamp(min=1)
         out = torch.zeros((), device=a.device)

@@ -166,14 +166,17 @@ def load_model_spec(spec: str) -> tuple[ContrastiveModel, dict[str, float]]:
     `open_clip:<name>:<tag>` (a released open_clip model's image and text towers)."""
     if spec.startswith(OPEN_CLIP):
         from contrastive.modalities import build_modality
-        from contrastive.pretrained import model_config
+        from contrastive.pretrained import model_config, released_logit_scale
         from contrastive.towers import load_released_weights
 
         name, _, tag = spec[len(OPEN_CLIP) :].partition(":")
         modalities = {m: build_modality(m, open_clip=name, pretrained=tag or None) for m in ("image", "text")}
         model = ContrastiveModel(modalities, model_config(name)["embed_dim"])
         load_released_weights(model)
-        return model.requires_grad_(False).eval(), {}
+        # the released model's own scale; without weights, the scale open_clip initialises (1 / 0.07)
+        quick = modalities["image"].quick_gelu
+        scale = released_logit_scale(name, tag, quick_gelu=quick, where=spec) if tag else 1 / 0.07
+        return model.requires_grad_(False).eval(), {"image-text": scale}
     path = Path(spec)
     if (path / CONFIG).exists():
         return load_pretrained(path).requires_grad_(False).eval(), exported_scales(path)

@@ -193,6 +193,12 @@ def _loaded(name: str, path: str, pretrained: str, quick_gelu: bool) -> dict[str
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+def released_logit_scale(name: str, pretrained: str, *, quick_gelu: bool, where: str) -> float:
+    """The released model's own logit scale, exp(logit_scale) (~100 for OpenAI's and LAION's CLIPs)."""
+    state = pretrained_state(name, pretrained, quick_gelu, where)
+    return float(state["logit_scale"].exp())
+
+
 def tower_weights(name: str, pretrained: str, prefix: str, *, quick_gelu: bool, where: str) -> dict[str, torch.Tensor]:
     """One tower's part (`visual.` or `text.`) of the released weights."""
     state = pretrained_state(name, pretrained, quick_gelu, where)

@@ -108,3 +108,19 @@ def test_a_run_distils_and_exports_the_student_alone(demo_data, teacher_export, 
     assert step["distill/logits/image-text"] > 0 and step["distill/features/audio"] > 0
     state = json.loads((run_dir / "export" / "config.json").read_text())
     assert state["embed_dim"] == 64 and load_pretrained(run_dir / "export") is not None  # the student, no projection
+
+
+def test_the_teachers_own_scale_whatever_the_pairs_order_and_an_unknown_one_named():
+    from contrastive.errors import ConfigError
+
+    table = ({"k": 0}, torch.zeros(1, 8))
+    features = {"image": table, "text": table}
+    named_the_other_way = Teacher(features=features, scales={"text-image": 97.0})
+    made = Distillation(DistillSettings(teacher="x"), [("image", "text")], 8, named_the_other_way)
+    assert made.teacher_scales == {"image-text": 97.0}
+    silent = Teacher(features=features)
+    with pytest.raises(ConfigError, match="distill.teacher_scale"):
+        Distillation(DistillSettings(teacher="x"), [("image", "text")], 8, silent)
+    given = Distillation(DistillSettings(teacher="x", teacher_scale=50.0), [("image", "text")], 8, silent)
+    assert given.teacher_scales == {"image-text": 50.0}
+    Distillation(DistillSettings(teacher="x", kind="features"), [("image", "text")], 8, silent)  # no logits: no scale

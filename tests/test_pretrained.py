@@ -6,6 +6,7 @@ AST checkpoint. No downloads: models with random weights are saved by the tests.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,13 +119,19 @@ assert torch.equal(model.encoders["image"].conv1.weight, released["visual.conv1.
 assert torch.equal(model.encoders["image"].proj, released["visual.proj"])
 assert torch.equal(model.encoders["text"].token_embedding.weight, released["token_embedding.weight"])
 print("towers equal the released weights")
+from contrastive.distill import Distillation, DistillSettings, load_teacher
+teacher = load_teacher("open_clip:ViT-B-32:laion2b_s34b_b79k")
+scales = Distillation(DistillSettings(teacher="open_clip"), [("text", "image")], 512, teacher).teacher_scales
+print("teacher scale", scales["text-image"])
 """
 
 
 def test_a_tag_loads_offline_from_the_cache_and_an_empty_cache_stops_the_run(demo_data, tmp_path):
     assert open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["hf_hub"].startswith(REPO_ID)
     torch.manual_seed(1)
-    released = open_clip.create_model("ViT-B-32", pretrained=None).state_dict()
+    clip = open_clip.create_model("ViT-B-32", pretrained=None)
+    clip.logit_scale.data.fill_(math.log(97.5))  # a trained CLIP's scale, not open_clip's initial 14.3
+    released = clip.state_dict()
     hugging_face_cache(tmp_path / "hub", released)
     cached = next((tmp_path / "hub").rglob("open_clip_model.safetensors"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
@@ -133,6 +140,9 @@ def test_a_tag_loads_offline_from_the_cache_and_an_empty_cache_stops_the_run(dem
     )
     assert proc.returncode == 0 and "towers equal the released weights" in proc.stdout, proc.stderr[-3000:]
     assert f"loaded ViT-B-32 weights laion2b_s34b_b79k from {tmp_path / 'hub'}" in proc.stderr
+    # a released teacher's distillation targets follow its own logit scale (a pair named either way)
+    taught = float(proc.stdout.split("teacher scale")[1])
+    assert taught == pytest.approx(float(clip.logit_scale.exp()), rel=1e-5) and taught == pytest.approx(97.5)
 
     towers = [
         "modality.image.open_clip=ViT-B-32",

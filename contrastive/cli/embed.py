@@ -21,7 +21,6 @@ from pathlib import Path
 
 
 def embed(args) -> int:
-    from contrastive.cli.evaluate import load_model
     from contrastive.data.shards import list_shards
     from contrastive.data.storage import redact
     from contrastive.distributed import barrier, init_distributed
@@ -36,7 +35,10 @@ def embed(args) -> int:
         if dist.is_main and not (data / "sizes.json").exists():
             build_shards(data, manifest=str(args.manifest), max_count=args.shard_size, workers=2)
         barrier()
-    model, _ = load_model(args.model)
+    from contrastive.export import OPEN_CLIP, load_model_spec
+
+    spec = str(args.model) if str(args.model).startswith(OPEN_CLIP) else str(Path(args.model).resolve())
+    model, scales = load_model_spec(spec)
     model.to(dist.device)
     modalities = args.modalities or list(model.modalities)
     unknown = [m for m in modalities if m not in model.modalities]
@@ -47,7 +49,7 @@ def embed(args) -> int:
     if dist.is_main:
         (args.out / "embed.json").write_text(
             json.dumps(
-                {"model": str(Path(args.model).resolve()), "data": redact(str(data)), "modalities": modalities},
+                {"model": spec, "data": redact(str(data)), "modalities": modalities, "logit_scale": scales},
                 indent=1,
             )
             + "\n"
@@ -72,11 +74,11 @@ def embed(args) -> int:
 def search(args) -> int:
     import numpy as np
 
-    from contrastive.cli.evaluate import load_model
     from contrastive.embed import load_embeddings, nearest
+    from contrastive.export import load_model_spec
 
     meta = json.loads((args.index / "embed.json").read_text())
-    model, _ = load_model(Path(args.model or meta["model"]))
+    model, _ = load_model_spec(str(args.model or meta["model"]))
     index, keys, labels = load_embeddings(args.index, args.modality)
     queries = model.embed(args.query_modality, args.query).numpy().astype(np.float32)
     scores, top = nearest(index, queries, args.k)
@@ -120,7 +122,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("embed", help="embed every sample of a dataset, per modality")
-    e.add_argument("model", type=Path, help="an export directory, a checkpoint or a run directory")
+    e.add_argument(
+        "model", type=Path, help="an export directory, a checkpoint or a run directory, or open_clip:<name>:<tag>"
+    )
     source = e.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a dataset: a directory of shards, a URL, a brace list or pipe:COMMAND")
     source.add_argument("--manifest", type=Path, help="a CSV/JSONL manifest (made into shards under --out first)")
