@@ -7,8 +7,13 @@ ZeRO 1-3 the master weights, gathered whole through DeepSpeed's public `safe_get
 parameters themselves. timm's ModelEmaV3 is not used: it averages a module's own parameters, which
 under DeepSpeed's bf16 are the rounded 16-bit copies and under ZeRO-3 are empty partitions.
 
-Every rank keeps the same whole copy (4 bytes a parameter: for ZeRO-3 at scale, that is the cost of
-this choice). Rank 0 writes it into each checkpoint (`ema.safetensors`), every rank reads it back
+Only trained parameters are averaged: a frozen one (a frozen tower, the blocks `unlocked_blocks`
+leaves locked, LoRA's base weights) never moves, so its average is itself; DeepSpeed keeps no master
+weights for it, and ZeRO-3 holds only a partition. The averaged model takes it from the live model,
+gathered whole (collective under ZeRO-3).
+
+Every rank keeps the same whole copy (4 bytes a trained parameter: for ZeRO-3 at scale, that is the
+cost of this choice). Rank 0 writes it into each checkpoint (`ema.safetensors`), every rank reads it back
 on resume, so a resumed run's average equals an uninterrupted one's. Evaluation scores it beside the
 live weights (`eval/ema/...`) through a plain copy of the model; `export: true` exports it.
 """
@@ -49,15 +54,32 @@ def ema_settings(fields: Mapping[str, Any] | None) -> EmaSettings | None:
     return settings
 
 
+def partitioned(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 holds `model`'s parameters as partitions."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def fp32_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter of `model` as the optimizer holds it, whole, in fp32 (collective under ZeRO)."""
+    """Every trained parameter of `model` as the optimizer holds it, whole, in fp32 (collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
     for name, p in model.named_parameters():
-        master = safe_get_full_fp32_param(p)
-        out[name] = (master if master is not None else p).detach().float().cpu()
+        if p.requires_grad:
+            master = safe_get_full_fp32_param(p)
+            out[name] = (master if master is not None else p).detach().float().cpu()
     return out
+
+
+def frozen_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every frozen parameter of `model`, whole (collective under ZeRO-3, which gathers its partitions)."""
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    if not frozen or not partitioned(model):
+        return {name: p.detach().clone() for name, p in frozen}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen]):
+        return {name: p.detach().clone() for name, p in frozen}
 
 
 class WeightEma:
@@ -99,20 +121,23 @@ class WeightEma:
     def averaged_model(self) -> torch.nn.Module:
         """A plain copy of the model holding the average (for evaluation), on the model's device. Under
         ZeRO-3 the live parameters are partitions: the copy is built empty and filled, its buffers
-        (which ZeRO does not partition) taken from the live model."""
+        (which ZeRO does not partition) and frozen parameters (gathered) taken from the live model."""
         import copy
 
         assert self.shadow is not None, "no average taken yet"
         device = next(self.model.buffers(), next(self.model.parameters())).device
-        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+        if partitioned(self.model):
             from contrastive.model import ContrastiveModel
 
             with torch.device("meta"):
                 copied = ContrastiveModel(self.model.modalities, self.model.embed_dim)
             copied = copied.to_empty(device=device)
-            buffers = {k: v.detach() for k, v in self.model.named_buffers()}
+            with torch.no_grad():  # every buffer, those no state dict holds too (a text tower's causal mask)
+                for name, buffer in self.model.named_buffers():
+                    copied.get_buffer(name).copy_(buffer)
+            live = frozen_weights(self.model)
         else:
-            copied, buffers = copy.deepcopy(self.model).float(), {}
-        state = {**copied.state_dict(), **buffers, **{k: v.to(device) for k, v in self.shadow.items()}}
+            copied, live = copy.deepcopy(self.model).float(), {}
+        state = {**copied.state_dict(), **live, **{k: v.to(device) for k, v in self.shadow.items()}}
         copied.load_state_dict(state)
         return copied.float().to(device).eval()

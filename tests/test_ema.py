@@ -1,6 +1,7 @@
 """The weights' moving average (trainer.ema): the update rule by hand, an average that is restored
 exactly from a checkpoint (2 gloo ranks, ZeRO 0 and ZeRO 2), evaluated beside the live weights, and an
-export of it that scores what `eval/ema/...` said."""
+export of it that scores what `eval/ema/...` said; under ZeRO-3 with a frozen tower, evaluated and
+exported too."""
 
 from __future__ import annotations
 
@@ -74,3 +75,26 @@ def test_the_average_resumes_exactly_and_its_export_scores_as_evaluated(demo_dat
     scored = json.loads((tmp_path / "e.json").read_text())
     for key in ("retrieval/image->audio/R@1", "retrieval/text->image/R@5", "zero_shot/audio->text/acc"):
         assert scored[key] == pytest.approx(final[f"eval/ema/{key}"], abs=1e-6), key
+
+
+def test_under_zero3_with_a_frozen_tower_the_average_evaluates_and_exports(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    train(
+        "torchrun",
+        demo_data,
+        run_dir,
+        "engine.zero_stage=3",
+        "trainer.ema={decay: 0.8, every: 1}",
+        "+model.towers.text={freeze: true}",
+        "trainer.max_steps=4",
+        f"data.eval={demo_data / 'heldout'}",
+        "eval.max_samples=64",
+    )
+    final = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    assert "eval/ema/retrieval/image->text/R@1" in final
+    shadow = load_file(str(run_dir / "checkpoints" / "step_00000004" / "ema.safetensors"))
+    assert shadow and not any(k.startswith("encoders.text.") for k in shadow)  # frozen: never averaged
+    run_cli("contrastive-export", str(run_dir), str(tmp_path / "export"), "--ema")
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert torch.equal(exported["encoders.image.conv1.weight"], shadow["encoders.image.conv1.weight"])
+    assert exported["encoders.text.token_embedding.weight"].numel() > 0  # the frozen tower, whole
