@@ -75,12 +75,19 @@ def _balance_shard(
         found = matches(text, word) if text is not None else set()
         if not found:
             return keep_unmatched
-        if unit(seed, sample["__key__"]) < min(1.0, t / min(counts[i] for i in found)):
+        if drawn(seed, sample["__key__"], found, counts, t):
             after.update(found)
             return True
         return False
 
     return copy_kept(location, Path(out) / Path(location).name, keep), after
+
+
+def drawn(seed: int, key: str, found: set[int], counts: dict[int, int], t: int) -> bool:
+    """MetaCLIP's sampling: each matched entry i draws on its own, succeeding with probability
+    min(1, t / count_i); the sample stays if any draw succeeds, so with probability
+    1 - prod(1 - p_i). Each draw is fixed by (seed, key, entry), whichever worker reads the sample."""
+    return any(unit(seed, f"{key}/{i}") < min(1.0, t / counts[i]) for i in sorted(found))
 
 
 def read_entries(path: str | Path) -> list[str]:
@@ -106,9 +113,10 @@ def balance(
     keep_unmatched: bool = False,
     workers: int = 2,
 ) -> dict[str, Any]:
-    """MetaCLIP's balancing: count each entry's matches in the captions, then keep a sample with
-    probability min(1, t / count) of the rarest entry it matches (a tail entry's samples all stay, a
-    head entry's are cut to about t). Samples matching no entry are dropped unless `keep_unmatched`."""
+    """MetaCLIP's balancing: count each entry's matches in the captions, then keep a sample if any of
+    its entries' draws succeeds, each with probability min(1, t / count) (`drawn`: a tail entry's
+    samples all stay, a head entry's are cut to about t, a caption naming several head entries has
+    several chances). Samples matching no entry are dropped unless `keep_unmatched`."""
     if t < 1:
         raise DataError("--t: a positive count per entry")
     entries = tuple(read_entries(concepts))

@@ -162,3 +162,13 @@ def test_balance_caps_the_head_keeps_the_tail_and_is_seeded(tmp_path):
     kept_unmatched = tmp_path / "u"
     run_cli(*balance, str(kept_unmatched), *options, "--keep-unmatched")
     assert "s00000" in keys(kept_unmatched)
+
+
+def test_balance_keeps_a_caption_naming_several_entries_as_metaclip_does():
+    from contrastive.data_tools.balance import drawn
+
+    t, counts = 100, {0: 1000, 1: 1000, 2: 1000, 3: 50}  # three head entries at p = 0.1, one tail entry
+    n = 20000
+    for found, expected in (({0}, 0.1), ({0, 1, 2}, 1 - 0.9**3), ({0, 3}, 1.0)):
+        rate = sum(drawn(7, f"k{i}", found, counts, t) for i in range(n)) / n
+        assert abs(rate - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-9, (found, rate)
