@@ -267,8 +267,10 @@ def resolve_resume(
     if resume == LATEST:
         found = latest_checkpoint(run_dir)
         if found is None and remote is not None:
-            # rank 0 reads the remote pointer (every rank follows the same one) and fetches
-            tag = same_on_every_rank(remote.latest_tag() if rank() == 0 else None)
+            # rank 0 reads the remote pointer (every rank follows the same one; a failure there ends
+            # every rank at once, named) and fetches
+            read = run_on_main(remote.latest_tag, what=f"reading {remote.shown()}/latest", timeout=remote.timeout)
+            tag = same_on_every_rank(read)
             if tag is not None:
                 run_on_main(
                     lambda: remote.fetch(tag, run_dir),

@@ -102,3 +102,21 @@ def test_a_failing_upload_stops_every_rank_at_once_naming_it(demo_data, s3, tmp_
             -3000:
         ]
         assert "AccessDenied" in logs[rank] or "Forbidden" in logs[rank] or "PermissionError" in logs[rank]
+
+
+def test_a_rejected_remote_latest_stops_every_rank_at_once_naming_it(demo_data, s3, tmp_path):
+    endpoint, fs = s3
+    fs.pipe_file("ckpt/pointing-away/latest", b"../../elsewhere\n")  # a tag no checkpoint can have
+    timeout = 300
+    code, seconds = two_ranks(
+        demo_data,
+        tmp_path / "pointing-away",
+        tmp_path / "logs",
+        endpoint,
+        f"trainer.dist_timeout={timeout}",
+        "resume=latest",
+    )
+    logs = rank_logs(tmp_path / "logs")
+    assert code != 0 and seconds < timeout / 2  # no rank waited for the process group's timeout
+    for rank in (0, 1):
+        assert "reading s3://ckpt/pointing-away/latest failed on rank 0" in logs[rank], logs[rank][-3000:]
