@@ -297,6 +297,7 @@ def main() -> None:
         cfg = CONFIGS[name]
         label = f"{name}-{precision}"
         times = {"contrastive": [], "open_clip": []}
+        per_run: dict[str, list[float]] = {"contrastive": [], "open_clip": []}  # each run's samples/s
         quality: dict[str, list] = {"contrastive": [], "open_clip": []}
         for rep in range(args.repeats):
             order = ["contrastive", "open_clip"] if rep % 2 == 0 else ["open_clip", "contrastive"]
@@ -308,7 +309,9 @@ def main() -> None:
                     if side == "contrastive"
                     else run_open_clip(python, cfg, data["train"], run_dir, seed=rep, precision=precision)
                 )
-                times[side] += run["step_times"][COMMON["warmup_steps_skipped"] :]
+                kept = run["step_times"][COMMON["warmup_steps_skipped"] :]
+                times[side] += kept
+                per_run[side].append(COMMON["batch_size"] / statistics.mean(kept))
                 quality[side].append(evaluate(cfg, run["weights"], data["heldout"], ours=side == "contrastive"))
         row = {"config": name, "precision": precision, "steps": cfg["steps"]}
         for side in times:
@@ -320,6 +323,10 @@ def main() -> None:
                 "runs": quality[side],
             }
         row["throughput_ratio"] = row["contrastive"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
+        # each repeat's ratio (its two runs one after the other): the spread the README shows
+        row["ratio_per_repeat"] = [a / b for a, b in zip(per_run["contrastive"], per_run["open_clip"])]
+        for side in per_run:
+            row[side]["samples_per_s_per_run"] = per_run[side]
         row["zero_shot_delta"] = (
             row["contrastive"]["zero_shot_image_to_text"] - row["open_clip"]["zero_shot_image_to_text"]
         )
@@ -330,7 +337,8 @@ def main() -> None:
 
         print(
             f"{label}: contrastive {row['contrastive']['samples_per_s']:.0f} samples/s, open_clip "
-            f"{row['open_clip']['samples_per_s']:.0f} samples/s ({row['throughput_ratio']:.2f}x); zero-shot "
+            f"{row['open_clip']['samples_per_s']:.0f} samples/s ({row['throughput_ratio']:.2f}x; per repeat "
+            f"{'/'.join(f'{r:.2f}' for r in row['ratio_per_repeat'])}); zero-shot "
             f"{row['contrastive']['zero_shot_image_to_text']:.1%} vs {row['open_clip']['zero_shot_image_to_text']:.1%} "
             f"(runs: {per_run('contrastive')} vs {per_run('open_clip')}); "
             f"R@1 i->t {row['contrastive']['R@1_image_to_text']:.1%} vs {row['open_clip']['R@1_image_to_text']:.1%}",
