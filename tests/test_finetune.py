@@ -176,7 +176,7 @@ def test_a_long_clip_is_embedded_as_the_mean_of_its_windows(tmp_path):
         )
     assert torch.allclose(model.embed("audio", [wave.numpy()])[0], by_hand, atol=1e-6)
     write_dataset(tmp_path, [{"__key__": "long", "flac": flac(0, seconds=3 * audio.clip_seconds), "txt": "x"}])
-    wave_from_file = audio.decode(flac(0, seconds=3 * audio.clip_seconds), "flac")
+    wave_from_file = audio.samples(audio.decode(flac(0, seconds=3 * audio.clip_seconds), "flac"))
     expected = model.embed("audio", [wave_from_file.numpy()])[0]
     embedded = embed_dataset(
         model,

@@ -118,12 +118,14 @@ def check_bad_fraction(counts: Mapping[str, int], *, max_fraction: float, min_sl
 def summarize(counts: Mapping[str, int], skipped_steps: int) -> None:
     """The run's last word on its data: samples trained on, bad input, broken shards, skipped steps."""
     bad = {k: v for k, v in counts.items() if k.startswith("bad/")}
+    refused = {k.removeprefix("refused/"): v for k, v in counts.items() if k.startswith("refused/")}
     broken = broken_shards(counts)
     log.info(
-        "data: %d samples trained on; bad input skipped and counted: %s; broken shards: %s; steps skipped "
+        "data: %d samples trained on; bad input skipped and counted: %s%s; broken shards: %s; steps skipped "
         "for non-finite values: %d",
         counts.get("samples", 0),
         bad or "none",
+        f" (over the decode budget, by kind: {refused})" if refused else "",
         f"{len(broken)} ({', '.join(broken)})" if broken else "none",
         skipped_steps,
     )

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from contrastive.modalities.base import MODALITIES, Modality, ModalityError
+from contrastive.modalities.base import MODALITIES, Modality, ModalityError, Refused
 
 log = logging.getLogger("contrastive.data")
 
@@ -49,6 +49,7 @@ def lost(counts: Mapping[str, int]) -> int:
 
 
 WARN_FIRST = 5  # warnings per kind of bad input and worker; the counters keep counting after that
+MAX_JSON_BYTES = 1 << 20  # a sample's metadata beyond this is not parsed (counted, the sample kept)
 CODE_ERROR_AFTER = 3  # failures of a modality that has never succeeded, before they count as a bug
 
 
@@ -132,13 +133,18 @@ class BatchDecoder:
         meta: dict[str, Any] = {"label": None, "group": None}
         try:
             if "json" in sample:
+                if len(sample["json"]) > MAX_JSON_BYTES:
+                    counts["refused/json/too_large"] += 1
+                    raise ValueError(f"metadata of {len(sample['json'])} bytes, over {MAX_JSON_BYTES}")
                 fields = json.loads(sample["json"].decode("utf-8"))
                 if isinstance(fields, dict):
                     meta = {k: None if fields.get(k) is None else str(fields[k]) for k in ("label", "group")}
             if meta["label"] is None and "cls" in sample:  # a class index, named by the set's classnames
                 meta["label"] = str(int(sample["cls"].decode("utf-8").strip()))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack allows
             counts["bad/json"] += 1
+            if isinstance(e, RecursionError):
+                counts["refused/json/too_deep"] += 1
             self.warn("json", shard, key, repr(e))
         # Augmentation draws from its own generator seeded by (seed, epoch, key): a resumed run
         # repeats the interrupted run's crops exactly, and the caller's random state is untouched.
@@ -167,6 +173,9 @@ class BatchDecoder:
                     self.succeeded.add(name)
                 except Exception as e:  # noqa: BLE001 - bad input, unless it never succeeds (check_code)
                     counts[f"bad/{name}"] += 1
+                    if isinstance(e, Refused):  # over the sample's budget: counted by kind, never decoded
+                        counts[f"refused/{name}/{e.kind}"] += 1
+                        self.succeeded.add(name)  # the modality works; this value was too big for it
                     self.warn(name, shard, key, f"{ext}: {type(e).__name__}: {e}")
                     if name not in self.succeeded:
                         failed, first = self.failures.get(name, (0, e))

@@ -9,6 +9,12 @@ Clip length: training takes a random window of `clip_seconds` from a longer clip
 are averaged (ImageBind's). A shorter clip is zero-padded, or with `pad=repeat` repeated then padded
 (CLAP's repeat-pad), in training and evaluation alike.
 
+Decoding reads no more than that: `decode` reads the file's header only (an `AudioFile`), and the
+window (or the evaluation's windows) is read from where it lies, soundfile seeking in WAV, FLAC, OGG
+and MP3, so an hour-long recording costs what a 2-second one does. What cannot be sought is read
+whole only up to `max_seconds`, and a header that claims more than `max_rate` Hz or `max_channels`
+channels is refused before any sample is read; each refusal is a counted bad sample.
+
 The tower can start from other weights (`model.towers.audio.init=...`, see `from_checkpoint`):
 - an image ViT, AST's way: `open_clip:ViT-B-16:<tag>` or an open_clip checkpoint file (`visual.*`):
   the patch embedding averaged over RGB, the positional embeddings interpolated (bicubic) from the
@@ -34,7 +40,7 @@ import torch
 from torch import nn
 
 from contrastive.errors import ConfigError
-from contrastive.modalities.base import Modality, register_modality
+from contrastive.modalities.base import Modality, Refused, register_modality
 
 
 @register_modality("audio")
@@ -65,6 +71,11 @@ class Audio(Modality):
     # training only: this fraction of the spectrogram's patches dropped at random (FLIP, AudioMAE's
     # random masking: timm's PatchDropout); trainer.unmasked_steps turns it off for the last steps
     patch_dropout: float = 0.0
+    # a file that cannot be read by window (no seeking) is refused above this length, and every file
+    # whose header claims more than these rates or channels (reading a window would cost that much)
+    max_seconds: float = 600.0
+    max_rate: int = 384_000
+    max_channels: int = 32
 
     def __post_init__(self):
         self._fbank = None  # (window length, shift, FFT size, window, mel banks), built on first use
@@ -81,9 +92,21 @@ class Audio(Modality):
         raw = 1 + int((self.clip_samples - win) // hop)
         return math.ceil(raw / self.patch_size) * self.patch_size
 
-    def decode(self, data: bytes, extension: str) -> torch.Tensor:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return self._to_mono_16k(wave, rate)
+    def decode(self, data: bytes, extension: str) -> "AudioFile":
+        """The file's header, checked; its samples are read by `views` and `preprocess`, window by window."""
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate, frames, channels, seekable = f.samplerate, f.frames, f.channels, f.seekable()
+        if not 0 < rate <= self.max_rate or not 0 < channels <= self.max_channels:
+            raise Refused(
+                "header",
+                f"audio header claims {rate} Hz and {channels} channels (max_rate {self.max_rate}, "
+                f"max_channels {self.max_channels})",
+            )
+        if frames < self.min_seconds * rate:
+            raise ValueError(f"audio of {frames / rate:.3f} s is shorter than min_seconds")
+        if not seekable and frames > self.max_seconds * rate:
+            raise Refused("too_long", f"audio of {frames / rate:.0f} s cannot be read by window, over max_seconds")
+        return AudioFile(data, rate, frames, channels)
 
     def load(self, item: Any) -> torch.Tensor:
         if isinstance(item, tuple) and len(item) == 2:  # (waveform, sample rate)
@@ -127,17 +150,41 @@ class Audio(Modality):
         spectrum = torch.fft.rfft(frames * window, n=padded).abs().pow(2.0)
         return torch.clamp_min(spectrum @ banks, torch.finfo(torch.float32).eps).log()
 
-    def views(self, value: torch.Tensor) -> list[torch.Tensor]:
+    def window(self, clip: "AudioFile", start: float) -> torch.Tensor:
+        """The clip_seconds window from `start` (a fraction of the room before the clip's end: 0 the
+        first window, 1 the last) of a file, read from there, as mono float32 at self.sample_rate."""
+        count = min(clip.frames, math.ceil(self.clip_seconds * clip.rate) + (clip.rate != self.sample_rate))
+        first = int(round(start * (clip.frames - count)))
+        return self._to_mono_16k(clip.read(first, count), clip.rate)
+
+    def samples(self, value: "torch.Tensor | AudioFile") -> torch.Tensor:
+        """The whole clip as mono float32 at self.sample_rate (a file up to max_seconds long)."""
+        if not isinstance(value, AudioFile):
+            return value
+        if value.frames > self.max_seconds * value.rate:
+            raise Refused("too_long", f"audio of {value.frames / value.rate:.0f} s is over max_seconds to read whole")
+        return self._to_mono_16k(value.read(0, value.frames), value.rate)
+
+    def views(self, value: "torch.Tensor | AudioFile") -> list["torch.Tensor | AudioFile"]:
         """With eval_windows=K and a clip longer than clip_seconds: K evenly spaced windows (the first
-        at the start, the last at the end), whose embeddings are averaged; else the clip itself."""
+        at the start, the last at the end), whose embeddings are averaged; else the clip itself. Of a
+        file, only those windows are read."""
         n = self.clip_samples
+        if isinstance(value, AudioFile):
+            if self.eval_windows <= 1 or value.frames <= self.clip_seconds * value.rate:
+                return [value]
+            return [self.window(value, i / (self.eval_windows - 1)) for i in range(self.eval_windows)]
         if self.eval_windows <= 1 or value.numel() <= n:
             return [value]
         starts = torch.linspace(0, value.numel() - n, self.eval_windows).round().long().tolist()
         return [value[s : s + n] for s in starts]
 
-    def preprocess(self, value: torch.Tensor, *, train: bool) -> torch.Tensor:
+    def preprocess(self, value: "torch.Tensor | AudioFile", *, train: bool) -> torch.Tensor:
         n = self.clip_samples
+        if isinstance(value, AudioFile):  # read only the window: a random one in training, else the first
+            room = value.frames - math.ceil(self.clip_seconds * value.rate)
+            at = int(torch.randint(0, room + 1, ()).item()) / room if train and room > 0 else 0.0
+            value = self.window(value, at)
         if value.numel() > n:  # a random window in training, the first window otherwise
             start = int(torch.randint(0, value.numel() - n + 1, ()).item()) if train else 0
             value = value[start : start + n]
@@ -231,6 +278,28 @@ class Audio(Modality):
             out["head.weight"] = visual["proj"].T.contiguous()
             out["head.bias"] = torch.zeros(visual["proj"].shape[1])
         return out
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """An audio file whose header has been read and checked, its samples not yet: `read` decodes the
+    frames a window needs, seeking to them."""
+
+    data: bytes
+    rate: int
+    frames: int
+    channels: int
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """[frames, channels] float32 from frame `start`: `count` of them, or what the file holds (a
+        truncated file may hold fewer than its header says; none at all is an error)."""
+        with soundfile.SoundFile(io.BytesIO(self.data)) as f:
+            if start:
+                f.seek(start)
+            wave = f.read(count, dtype="float32", always_2d=True)
+        if not len(wave):
+            raise ValueError(f"audio: no samples at {start / self.rate:.2f} s (a truncated file)")
+        return wave
 
 
 def _square(tokens: int, what: str) -> tuple[int, int]:

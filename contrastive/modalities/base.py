@@ -31,6 +31,16 @@ class ModalityError(RuntimeError):
     """A modality's decode or preprocess fails on every sample it is given: a bug, not bad data."""
 
 
+class Refused(ValueError):
+    """A value refused before decoding it would cost what the sample's budget allows (an image whose
+    header claims too many pixels, audio too long to read whole): a bad sample, counted under
+    `refused/<modality>/<kind>` besides `bad/<modality>`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class Modality(ABC):
     """Base class of every modality. Subclasses are dataclasses whose fields are their config, and
     implement the four abstract methods."""

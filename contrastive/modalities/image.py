@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Optional
@@ -13,7 +14,7 @@ from PIL import Image as PILImage
 from torch import nn
 
 from contrastive.errors import ConfigError
-from contrastive.modalities.base import Modality, register_modality
+from contrastive.modalities.base import Modality, Refused, register_modality
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -76,9 +77,18 @@ class Image(Modality):
                 setattr(self, field, vision[field])
 
     def decode(self, data: bytes, extension: str) -> PILImage.Image:
-        img = PILImage.open(io.BytesIO(data))
+        """The header's size checked against max_pixels before any pixel is decoded (Pillow's own
+        decompression-bomb warning and error become this refusal: nothing is printed)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            try:
+                img = PILImage.open(io.BytesIO(data))
+            except PILImage.DecompressionBombError as e:
+                raise Refused("too_many_pixels", f"image larger than Pillow's limit ({e})") from None
+            except PILImage.UnidentifiedImageError:  # its message names a BytesIO object, not the input
+                raise ValueError("not an image Pillow can read (PNG, JPEG, WebP, ...)") from None
         if img.width * img.height > self.max_pixels:
-            raise ValueError(f"image of {img.width}x{img.height} pixels is larger than max_pixels")
+            raise Refused("too_many_pixels", f"image of {img.width}x{img.height} pixels is over max_pixels")
         img.load()  # decode now, so corrupt bytes fail here and not inside a transform
         return img.convert("RGB")
 

@@ -12,6 +12,8 @@ from torch import nn
 
 from contrastive.modalities.base import Modality, register_modality
 
+CHARS_PER_TOKEN = 16  # characters tokenized per token of context: ample (a BPE token averages ~4)
+
 
 @register_modality("text")
 @dataclass
@@ -30,6 +32,8 @@ class Text(Modality):
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    # a caption's bytes beyond this are not decoded (scraped alt-text can be megabytes)
+    max_bytes: int = 65536
 
     def __post_init__(self):
         if self.open_clip:
@@ -54,7 +58,9 @@ class Text(Modality):
         return SimpleTokenizer(context_length=self.context_length)
 
     def decode(self, data: bytes, extension: str) -> str:
-        text = data.decode("utf-8").strip()
+        # a cut inside a character drops that character ("ignore"), never the caption
+        text = data[: self.max_bytes].decode("utf-8", errors="ignore" if len(data) > self.max_bytes else "strict")
+        text = text.strip()
         if not text:
             raise ValueError("empty text")
         return text
@@ -69,7 +75,9 @@ class Text(Modality):
         return [line.strip() for line in value.splitlines() if line.strip()] or [value]
 
     def preprocess(self, value: str, *, train: bool) -> torch.Tensor:
-        return self.tokenizer([value])[0]
+        # the tokenizer keeps context_length tokens; BPE's cost grows with a word's length squared, so
+        # only the characters those tokens can come from are tokenized (a token averages ~4)
+        return self.tokenizer([value[: CHARS_PER_TOKEN * self.context_length]])[0]
 
     def empty(self) -> torch.Tensor:
         return torch.zeros(self.context_length, dtype=torch.long)
