@@ -10,25 +10,38 @@ and a web page, on Flask. It binds to 127.0.0.1 unless told otherwise.
                                   -> {"results": [{key, score, label, caption, media: {modality: url}}]}
     GET  /media/<key>/<modality>  the sample's image, audio or caption, from its shard
 
-Limits (`limits`): upload size (413 beyond it), k, query length; every refusal is a 4xx with
-{"error": message}, and the server keeps serving.
+Limits (`limits`): upload size on the wire (413 beyond it), and what an upload may decode to: the
+modalities' own budgets (an image's pixels by its header, audio read by window, never whole), a
+refusal of them a 413 too; k, query length; every refusal is a 4xx with {"error": message}, and the
+server keeps serving.
+
+A tool on localhost is reachable by any web page its user opens, so: a request whose Host header is
+not the address served (or one of `--allow-host`) is refused (DNS rebinding), and a POST that is not
+JSON (a form with an upload) must carry `X-Requested-With: contrastive-search`, which the page sends
+and which a page elsewhere cannot send without the browser asking this server first (CSRF).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+from urllib.parse import quote
 
 import torch
 
+from contrastive.modalities.base import Refused
 from contrastive.search import MEDIA_TYPES, SearchIndex
 
 log = logging.getLogger("contrastive.serve")
 
 PAGE = Path(__file__).with_name("search.html")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+FORM_HEADER = ("X-Requested-With", "contrastive-search")  # what a form POST must carry (CSRF)
 
 
 @dataclass
@@ -62,10 +75,7 @@ class Service:
         target = field(data, "modality")
         if target not in self.index.modalities:
             raise RequestError(f"modality {target!r}: this index holds {self.index.modalities}")
-        try:
-            k = int(field(data, "k", 10))
-        except (TypeError, ValueError):
-            raise RequestError(f"k must be a whole number, not {data.get('k')!r}") from None
+        k = whole_number(data.get("k", 10), "k")
         if not 1 <= k <= self.limits.max_k:
             raise RequestError(f"k must be between 1 and {self.limits.max_k}, not {k}")
         hits = self.index.search(target, self.embed_query(data, upload), k)
@@ -75,7 +85,7 @@ class Service:
                 "score": round(h.score, 6),
                 "label": h.label,
                 "caption": h.caption,
-                "media": {m: f"/media/{h.key}/{m}" for m in self.media_of(h.media)},
+                "media": {m: f"/media/{quote(h.key, safe='')}/{m}" for m in self.media_of(h.media)},
             }
             for h in hits
         ]
@@ -90,16 +100,16 @@ class Service:
                 raise RequestError("the uploaded file is empty")
             return upload
         if field(data, "key") is not None:
-            key = str(data["key"])
+            key = field(data, "key")
             if key not in self.index.by_key:
                 raise RequestError(f"no sample {key!r} in the index", 404)
-            found = self.index.member(key, self.extensions[modality])
+            found = self.member(key, modality)
             if found is None:
                 raise RequestError(f"sample {key!r} has no {modality}")
             return found[1].decode("utf-8") if modality == "text" else found[1]
         if modality != "text":
             raise RequestError(f"a {modality} query is an uploaded file (field 'file') or a sample key")
-        text = str(field(data, "query", "")).strip()
+        text = (field(data, "query") or "").strip()
         if not text:
             raise RequestError("the query is empty")
         if len(text) > self.limits.max_query_chars:
@@ -111,11 +121,21 @@ class Service:
         if modality not in self.model.modalities:
             raise RequestError(f"query_modality {modality!r}: the model embeds {list(self.model.modalities)}")
         item = self.query_item(data, upload, modality)
+        what = f"the uploaded {modality}" if upload is not None else f"the {modality} query"
         try:
             with self.lock, torch.no_grad():
                 return self.model.embed(modality, [item])[0].numpy()
+        except Refused as e:  # over what an upload may decode to: refused before it is decoded
+            raise RequestError(f"{what} is too large once decoded: {e}", 413) from None
         except Exception as e:  # an upload that does not decode as the modality
-            raise RequestError(f"could not read the {modality} query: {type(e).__name__}: {e}") from None
+            raise RequestError(f"could not read {what}: {e}") from None
+
+    def member(self, key: str, modality: str) -> tuple[str, bytes] | None:
+        """The sample's member for `modality` from its shard; a shard that cannot be read is a 502."""
+        try:
+            return self.index.member(key, self.extensions[modality])
+        except OSError as e:
+            raise RequestError(f"the shard of sample {key!r} cannot be read: {e}", 502) from None
 
     def media(self, key: str, modality: str) -> tuple[str, bytes]:
         """(media type, bytes) of a sample's member for `modality`."""
@@ -123,7 +143,7 @@ class Service:
             raise RequestError(f"no sample {key!r} in the index", 404)
         if modality not in self.extensions:
             raise RequestError(f"modality {modality!r}: one of {sorted(self.extensions)}", 404)
-        found = self.index.member(key, self.extensions[modality])
+        found = self.member(key, modality)
         if found is None:
             raise RequestError(f"sample {key!r} has no {modality}", 404)
         ext, data = found
@@ -131,12 +151,37 @@ class Service:
 
 
 def field(data: dict, name: str, default: Any = None) -> Any:
+    """A text field of the request (a form's or JSON's); anything but a string is a 400 naming it."""
     value = data.get(name, default)
-    return value if value not in ("", None) else default
+    if value in ("", None):
+        return default
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a string, not {json.dumps(value)[:60]}")
+    return value
 
 
-def create_app(index: SearchIndex, model, limits: Limits | None = None):
-    """The Flask app: routes onto a Service, refusals as JSON."""
+def whole_number(value: Any, name: str) -> int:
+    """A whole number from JSON or a form field (12, 12.0, "12"); anything else a 400 naming it."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise RequestError(f"{name} must be a whole number, not {json.dumps(value)[:60]}")
+
+
+def host_name(host: str) -> str:
+    """The name of a Host header, without its port ("[::1]:8000" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def create_app(index: SearchIndex, model, limits: Limits | None = None, *, hosts: Sequence[str] = LOOPBACK):
+    """The Flask app: routes onto a Service, refusals as JSON. `hosts`: the Host names it answers
+    ("*": any)."""
     from flask import Flask, Response, jsonify, request
     from werkzeug.exceptions import HTTPException
 
@@ -144,9 +189,20 @@ def create_app(index: SearchIndex, model, limits: Limits | None = None):
     app = Flask("contrastive.serve")
     app.config["MAX_CONTENT_LENGTH"] = int(service.limits.upload_mb * (1 << 20))
 
+    allowed = {host_name(h) for h in hosts}
+
     @app.errorhandler(RequestError)
     def refused(e: RequestError):
         return jsonify(error=str(e)), e.status
+
+    @app.before_request
+    def guard():
+        name = host_name(request.host)
+        if "*" not in allowed and name not in allowed:
+            shown = ", ".join(sorted(allowed))
+            raise RequestError(f"this server answers for {shown}, not {name!r} (--allow-host adds a name)", 403)
+        if request.method == "POST" and not request.is_json and request.headers.get(FORM_HEADER[0]) != FORM_HEADER[1]:
+            raise RequestError(f"a form POST must carry the header {FORM_HEADER[0]}: {FORM_HEADER[1]}", 403)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
@@ -177,13 +233,23 @@ def create_app(index: SearchIndex, model, limits: Limits | None = None):
     return app
 
 
-def serve(index_dir: str, model_spec: str | None, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+def serve(
+    index_dir: str,
+    model_spec: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allow_hosts: Sequence[str] = (),
+    **limits,
+) -> None:
     from contrastive.export import load_model_spec
 
     index = SearchIndex(index_dir)
     model, _ = load_model_spec(model_spec or index.info["model"])
-    app = create_app(index, model, Limits(**limits))
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    hosts = [*LOOPBACK, host, *allow_hosts]
+    if host in ("0.0.0.0", "::") and not allow_hosts:
+        hosts = ["*"]  # open to the network: any name this machine is reached by
+    app = create_app(index, model, Limits(**limits), hosts=hosts)
+    if host not in LOOPBACK:
         log.warning("serving on %s: anyone who reaches this address can query the index and read its media", host)
     log.info("serving %s on http://%s:%d/", index_dir, host, port)
     app.run(host=host, port=port, threaded=True)

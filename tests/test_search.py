@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pathological import many_channels_wav, png_claiming, silent_flac
 from servers import _wait_until_up, free_port
 
 from contrastive.data.sources import iter_tar_samples
@@ -30,14 +31,16 @@ def service(demo_data, tmp_path_factory):
         *tiny_overrides(demo_data, tmp / "run", "data.eval=null"),
         *("trainer.max_steps=150", "data.batch_size=32", "trainer.log_every=50"),
     )
+    # the data named relatively, from its own directory: the index must find the shards from anywhere
     run_cli(
         "contrastive-embed",
         "embed",
         str(tmp / "run" / "export"),
         "--data",
-        str(demo_data / "train"),
+        "train",
         "--out",
         str(tmp / "emb"),
+        cwd=demo_data,
     )
     built = run_cli("contrastive-embed", "index", str(tmp / "emb"), "--out", str(tmp / "idx"))
     assert "audio: 156 rows, Flat" in built.stdout
@@ -57,9 +60,12 @@ def service(demo_data, tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def call(url: str, path: str, body: dict | None = None, files: dict | None = None) -> tuple[int, dict]:
-    """(status, JSON body) of a GET, a JSON POST, or a multipart POST with `files` ({field: bytes})."""
-    headers, data = {}, None
+def call(
+    url: str, path: str, body: dict | None = None, files: dict | None = None, headers: dict | None = None
+) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, a JSON POST, or a multipart POST with `files` ({field: bytes}), which
+    carries the header the page sends unless `headers` say otherwise."""
+    headers, data = dict(headers or {}), None
     if files is not None:
         boundary = "----contrastive-test"
         parts = []
@@ -70,8 +76,9 @@ def call(url: str, path: str, body: dict | None = None, files: dict | None = Non
             parts.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n")
         data = b"".join(parts) + f"--{boundary}--\r\n".encode()
         headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        headers.setdefault("X-Requested-With", "contrastive-search")
     elif body is not None:
-        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"  # Infinity as JSON's
     request = urllib.request.Request(url + path, data=data, headers=headers, method="POST" if data else "GET")
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
@@ -120,11 +127,50 @@ def test_the_api_finds_the_digit_asked_for_and_refuses_bad_requests(service, dem
             "could not read",
         ),
         "unknown key": ({"key": "nope", "modality": "audio", "query_modality": "audio"}, None, 404, "no sample 'nope'"),
+        "a list for a name": ({"query": "seven", "query_modality": ["text"], "modality": "audio"}, None, 400, "string"),
+        "k infinite": ({"query": "seven", "modality": "audio", "k": float("inf")}, None, 400, "whole number"),
+        "k a float": ({"query": "seven", "modality": "audio", "k": 2.5}, None, 400, "whole number, not 2.5"),
+        "a picture of 144 Mpx": (
+            {"modality": "audio", "query_modality": "image"},
+            {"file": png_claiming(12000, 12000)},
+            413,
+            "too large once decoded",
+        ),
+        "64 channels": (
+            {"modality": "image", "query_modality": "audio"},
+            {"file": many_channels_wav(64)},
+            413,
+            "too large once decoded",
+        ),
     }
     for name, (body, files, code, message) in bad.items():
         status, answer = call(url, "/api/search", body, files)
         assert status == code and message in answer["error"], (name, status, answer)
+    assert "BytesIO" not in call(url, "/api/search", bad["not an image"][0], {"file": b"x"})[1]["error"]
     assert call(url, "/api/info")[0] == 200 and proc.poll() is None, "still serving after the refusals"
+
+
+def peak_kib(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
+               .split()[1])  # fmt: skip
+
+
+def test_the_service_guards_its_hosts_its_forms_and_its_memory(service):
+    url, proc, _ = service
+    query = {"query": "seven", "modality": "audio"}
+    # another site's name for 127.0.0.1 (DNS rebinding), and a form from another page (no preflight)
+    status, answer = call(url, "/api/search", query, headers={"Host": "attacker.example:80"})
+    assert status == 403 and "not 'attacker.example'" in answer["error"]
+    form = {"query_modality": "image", "modality": "audio"}
+    status, answer = call(url, "/api/search", form, {"file": b"x"}, headers={"X-Requested-With": ""})
+    assert status == 403 and "X-Requested-With" in answer["error"]
+    assert call(url, "/api/search", query, headers={"Host": f"localhost:{url.rsplit(':', 1)[1]}"})[0] == 200
+    # 20 minutes of 8 channels at 48 kHz: 0.5 MB on the wire, 1.8 GB decoded whole; read by window
+    before = peak_kib(proc.pid)
+    bomb = silent_flac(20 * 60, rate=48000, channels=8)
+    status, found = call(url, "/api/search", {"query_modality": "audio", "modality": "image"}, {"file": bomb})
+    assert status == 200 and found["results"]
+    assert peak_kib(proc.pid) - before < 100 * 1024, "the upload was decoded whole"
 
 
 @pytest.mark.skipif(

@@ -28,6 +28,8 @@ def embed(args) -> int:
 
     dist = init_distributed()
     data = args.data
+    if data and "://" not in data and not data.startswith("pipe:"):
+        data = str(Path(data).resolve())  # recorded in embed.json: `index` reads the shards from anywhere
     if args.manifest:
         from contrastive.data_tools.shards import build_shards
 
@@ -111,6 +113,7 @@ def serve(args) -> int:
         upload_mb=args.upload_mb,
         max_k=args.max_k,
         max_query_chars=args.max_query_chars,
+        allow_hosts=args.allow_host,
     )
     return 0
 
@@ -151,6 +154,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--upload-mb", type=float, default=10.0, help="largest upload accepted")
     v.add_argument("--max-k", type=int, default=100)
     v.add_argument("--max-query-chars", type=int, default=1000)
+    v.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        help="a name this server may be reached by besides the address it binds (the Host header it accepts)",
+    )
     return parser
 
 
