@@ -16,13 +16,23 @@ shell command reads `$VARIABLES`. What counts as a credential:
   a `$VARIABLE` the shell fills in.
 
 A value that is an interpolation (`${oc.env:SHARD_TOKEN}`) is no literal: it is allowed, resolved at
-run time, and redacted in every copy written after resolution.
+run time, and redacted in every copy written after resolution. Whatever message a value the run
+brought in from the environment reaches (a retry's warning quoting the command that failed, a
+library's error), the log filter `seal_logs` installs on every handler replaces it.
+
+A `pipe:` command is read by one parser for both refusal and redaction (`command_words`, then the
+option grammar of curl, wget and aws: attached and combined short options, `--opt=value`, cookies,
+`--oauth2-bearer`, user:password, assignments), so an option named like a credential that takes no
+value (`--no-sign-request`, `--anyauth`) keeps the word after it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shlex
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -54,6 +64,7 @@ def _literal(value: Any) -> bool:
 
 def _words_literal(text: str) -> bool:
     """A header or user:password value with a literal part: every word must be a scheme or a $reference."""
+    text = re.sub(r"\$\{[^}]*\}", "$REFERENCE", text)  # ${oc.env:VAR} holds a colon of its own
     words = [w for w in re.split(r"[\s:]+", text.strip()) if w]
     return any(w.lower() not in _AUTH_SCHEMES and not _REFERENCE.match(w) for w in words)
 
@@ -70,47 +81,147 @@ def url_secret(url: str) -> str | None:
     return f"a signed or keyed query ({', '.join(secret)})" if secret else None
 
 
+# How the tools a `pipe:` command runs (curl, wget, aws, gsutil, ...) take a credential: by option,
+# the kind of value it takes. `userpass`: user[:password] (the password is the secret); `header`: a
+# "Name: value" header (secret when the name is one: Authorization, Cookie, X-Api-Key...); `cookie`:
+# name=value pairs (a bare word is a cookie file); `secret`: the whole value.
+LONG_OPTIONS = {
+    "--user": "userpass",
+    "--proxy-user": "userpass",
+    "--cert": "userpass",
+    "--proxy-cert": "userpass",
+    "--header": "header",
+    "--proxy-header": "header",
+    "--cookie": "cookie",
+    "--oauth2-bearer": "secret",
+    "--pass": "secret",
+    "--proxy-pass": "secret",
+}
+SHORT_OPTIONS = {"u": "userpass", "U": "userpass", "E": "userpass", "H": "header", "b": "cookie"}
+# curl's short options that take a value: in `-sH X`, H takes X; in `-sL`, nothing does
+SHORT_WITH_VALUE = set("AbcCdDeEFHKmoPQrtTuUwxXyYz")
+# options named like a credential that take no value: what follows them is the next word, kept
+FLAGS = {"--anyauth", "--proxy-anyauth", "--auth-no-challenge", "--no-sign-request", "--basic", "--digest"}
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word of a command line as a POSIX shell splits it: its value, and where it stands."""
+
+    value: str
+    start: int
+    end: int
+
+
+def command_words(command: str) -> list[Word]:
+    """The words of `command` (quotes removed, backslashes applied), each with its span in the text."""
+    words, i, n = [], 0, len(command)
+    while i < n:
+        while i < n and command[i].isspace():
+            i += 1
+        if i >= n:
+            break
+        start, value = i, []
+        while i < n and not command[i].isspace():
+            c = command[i]
+            if c == "'":
+                close = command.find("'", i + 1)
+                close = n if close < 0 else close
+                value.append(command[i + 1 : close])
+                i = close + 1
+            elif c == '"':
+                i += 1
+                while i < n and command[i] != '"':
+                    escaped = command[i] == "\\" and i + 1 < n and command[i + 1] in '"\\$`'
+                    value.append(command[i + 1] if escaped else command[i])
+                    i += 2 if escaped else 1
+                i += 1
+            elif c == "\\" and i + 1 < n:
+                value.append(command[i + 1])
+                i += 2
+            else:
+                value.append(c)
+                i += 1
+        words.append(Word("".join(value), start, i))
+    return words
+
+
+def _value_secret(kind: str, value: str) -> tuple[str, str] | None:
+    """(why, the value redacted) when a `kind` option's value holds a credential, else None."""
+    if kind == "userpass":
+        user, colon, password = value.partition(":")
+        return ("a user:password", f"{user}:{REDACTED}") if colon and _words_literal(password) else None
+    if kind == "header":
+        name, colon, rest = value.partition(":")
+        if colon and SECRET_NAME.search(name.strip()) and _words_literal(rest):
+            return f"a {name.strip()} header", f"{name.strip()}: {REDACTED}"
+        return None
+    if kind == "cookie":
+        pairs = [v for _, eq, v in (p.strip().partition("=") for p in value.split(";")) if eq]
+        return ("a cookie", REDACTED) if any(_literal(v) for v in pairs) else None
+    return ("a secret value", REDACTED) if _literal(value) and not value.startswith("-") else None
+
+
+def _option_secret(v: str, pending: str | None) -> tuple[str | None, tuple[str, str, str] | None]:
+    """(the kind of value the next word is, (why, the word's option part, its value redacted) when this
+    word holds a credential) for one word `v` of a command, the previous word's option awaiting `pending`."""
+    if pending is not None and pending != "skip":
+        found = _value_secret(pending, v)
+        return None, (found[0], "", found[1]) if found else None
+    if pending == "skip" or not v.startswith("-"):  # a value of another option, or no option
+        name, eq, value = v.partition("=")
+        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and SECRET_NAME.search(name) and _literal(value):
+            return None, (f"an assignment to {name}", f"{name}=", REDACTED)
+        return None, None
+    if v.startswith("--"):
+        name, eq, attached = v.partition("=")
+        kind = LONG_OPTIONS.get(name)
+        if kind is None and name not in FLAGS and SECRET_NAME.search(name[2:]):
+            kind = "secret"
+        if kind and eq:
+            found = _value_secret(kind, attached)
+            return None, (f"{found[0]} given to {name}", f"{name}=", found[1]) if found else None
+        return kind, None
+    for j, letter in enumerate(v[1:], start=1):  # combined short options: -sSfu user:pass, -H"..."
+        if letter in SHORT_WITH_VALUE:
+            kind, rest = SHORT_OPTIONS.get(letter, "skip"), v[j + 1 :]
+            if not rest:
+                return kind, None
+            found = _value_secret(kind, rest) if kind != "skip" else None
+            return None, (f"{found[0]} given to -{letter}", v[: j + 1], found[1]) if found else None
+    return None, None
+
+
+def _word_secrets(words: list[Word]) -> Iterator[tuple[int, str, str]]:
+    """(index of the word, why, the word as it may be shown) for each word of a command holding a
+    credential: an option's value (attached, combined or separate), an assignment, a URL's."""
+    pending: str | None = None  # the kind of value the previous word's option awaits
+    for i, word in enumerate(words):
+        pending, found = _option_secret(word.value, pending)
+        if found:
+            yield i, found[0], found[1] + _shown(found[2])
+            continue
+        redacted = _URL.sub(lambda m: _redact_url(m.group(0)), word.value)
+        if redacted != word.value:
+            yield i, next(filter(None, (url_secret(u) for u in _URL.findall(word.value))), "a URL"), _shown(redacted)
+
+
 def command_secret(command: str) -> str | None:
     """Why this `pipe:` command carries a credential, or None."""
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        words = command.split()
-    for i, word in enumerate(words):
-        following = words[i + 1] if i + 1 < len(words) else ""
-        option, eq, attached = word.partition("=")
-        if word in ("-u", "--user", "--proxy-user") or word.startswith("-u") and len(word) > 2:
-            value = following if word in ("-u", "--user", "--proxy-user") else word[2:]
-            if ":" in value and _words_literal(value.split(":", 1)[1]):
-                return f"a user:password given to {word if len(word) <= 2 or word.startswith('--') else '-u'}"
-        if (
-            option in ("--user", "--proxy-user")
-            and eq
-            and ":" in attached
-            and _words_literal(attached.split(":", 1)[1])
-        ):
-            return f"a user:password given to {option}"
-        if word in ("-H", "--header") or option == "--header" and eq:
-            header = following if not eq else attached
-            name, colon, value = header.partition(":")
-            if colon and SECRET_NAME.search(name.strip()) and _words_literal(value):
-                return f"a {name.strip()} header"
-        if word.startswith("--") and SECRET_NAME.search(option[2:]):
-            value = attached if eq else following
-            if _literal(value) and not value.startswith("-"):
-                return f"a value given to {option}"
-        name, eq, value = word.partition("=")
-        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and SECRET_NAME.search(name) and _literal(value):
-            return f"an assignment to {name}"
-        for url in _URL.findall(word):
-            why = url_secret(url)
-            if why:
-                return why
-    return None
+    found = next(_word_secrets(command_words(command)), None)
+    return found[1] if found else None
+
+
+def _shown(value: str) -> str:
+    """A word as written back into a command: quoted where it holds spaces or quotes."""
+    return shlex.quote(value) if re.search(r"[\s'\"\\]", value) else value
 
 
 def location_secret(text: str) -> str | None:
-    """Why a location or any other string value carries a credential, or None."""
+    """Why a location or any other string value carries a credential, or None. A value the run brought
+    in from the environment (`seal_logs`) is a reference there, as `${oc.env:...}` was before resolution."""
+    for value in SEALED:
+        text = text.replace(value, "$SEALED")
     if text.startswith(PIPE):
         return command_secret(text[len(PIPE) :])
     for url in _URL.findall(text):
@@ -178,31 +289,12 @@ def _redact_url(url: str) -> str:
 
 
 def _redact_command(command: str) -> str:
-    """The credentials `command_secret` finds, replaced; $references the shell fills in are kept."""
-
-    def value(match: re.Match, literal=_words_literal) -> str:
-        return match.group(1) + (REDACTED if literal(match.group(2)) else match.group(2))
-
-    command = _URL.sub(lambda m: _redact_url(m.group(0)), command)
-    # -u/--user user:password
-    command = re.sub(r"((?:^|\s)(?:-u\s*|--(?:proxy-)?user[=\s]+)['\"]?[^\s:'\"]+:)([^\s'\"]+)", value, command)
-    # a secret header's value
-    command = re.sub(
-        rf"((?:-H|--header)[=\s]+['\"]?[^:'\"]*(?:{_WORDS})[^:'\"]*:\s*)([^'\"]*)", value, command, flags=re.IGNORECASE
-    )
-    # NAME_WITH_SECRET=value and --secret-option value
-    command = re.sub(
-        rf"(\b[A-Za-z0-9_]*(?:{_WORDS})[A-Za-z0-9_]*=)([^\s'\"]+)",
-        lambda m: value(m, lambda v: _literal(v)),
-        command,
-        flags=re.IGNORECASE,
-    )
-    return re.sub(
-        rf"(--[A-Za-z0-9-]*(?:{_WORDS})[A-Za-z0-9-]*[=\s]+)((?!-)[^\s'\"]+)",
-        lambda m: value(m, lambda v: _literal(v)),
-        command,
-        flags=re.IGNORECASE,
-    )
+    """The credentials `command_secret` finds (the same parser), replaced word by word; every other
+    word, $references and flags without a value included, stays as written."""
+    words = command_words(command)
+    for i, _, shown in sorted(_word_secrets(words), reverse=True):
+        command = command[: words[i].start] + shown + command[words[i].end :]
+    return command
 
 
 def redact(node: Any) -> Any:
@@ -220,3 +312,70 @@ def redact(node: Any) -> Any:
     if isinstance(node, str):
         return redact_location(node)
     return node
+
+
+ENV_VALUE = re.compile(r"\$\{oc\.env:([^,}]+)")
+SHELL_VALUE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+MIN_SEALED = 8  # shorter values are not sealed: replacing them would mangle ordinary log text
+SEALED: set[str] = set()  # the values this process brought in from the environment (seal_logs)
+
+
+def environment_secrets(plain: Any, environ: Mapping[str, str] = os.environ) -> set[str]:
+    """The values a config (unresolved) brings in from the environment: every `${oc.env:VAR}`, and the
+    `$VAR`s named like a credential in its pipe: commands (the shell fills them in)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str):
+            names = ENV_VALUE.findall(node)
+            if node.startswith(PIPE):
+                names += [n for n in SHELL_VALUE.findall(node) if SECRET_NAME.search(n)]
+            found.update(environ[n.strip()] for n in names if len(environ.get(n.strip(), "")) >= MIN_SEALED)
+
+    walk(plain)
+    return found
+
+
+class SealSecrets(logging.Filter):
+    """Replaces each of `values` in every record's message (a handler's filter: whatever logger it
+    came from, whatever text it is in)."""
+
+    def __init__(self, values: set[str]):
+        super().__init__()
+        self.values = sorted(values, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(v in message for v in self.values):
+            for v in self.values:
+                message = message.replace(v, REDACTED)
+            record.msg, record.args = message, None
+            record.exc_text = None
+        if record.exc_info and not record.exc_text:  # a traceback quoting the value is text too
+            text = logging.Formatter().formatException(record.exc_info)
+            if any(v in text for v in self.values):
+                for v in self.values:
+                    text = text.replace(v, REDACTED)
+                record.exc_info, record.exc_text = None, text
+        return True
+
+
+def seal_logs(values: set[str]) -> None:
+    """Installs SealSecrets on every handler there is (the root's, Hydra's file and console, each
+    logger's), so that no log line shows one of `values`; worker processes forked later inherit it."""
+    if not values:
+        return
+    SEALED.update(values)
+    sealing = SealSecrets(values)
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not any(isinstance(f, SealSecrets) for f in handler.filters):
+            handler.addFilter(sealing)

@@ -30,6 +30,14 @@ SECRET = [
     ({"d": "https://user:pass@host/data/"}, "d"),
     ({"d": "https://host/a.tar?X-Amz-Signature=abc&X-Amz-Credential=x"}, "d"),
     ({"d": "https://host/a.tar?sv=2024&sig=abc"}, "d"),
+    # combined and attached short options, cookies, bearer options, other tools' password options
+    ({"d": "pipe:curl -sH 'Authorization: Bearer abc' https://host/a.tar"}, "d"),
+    ({"d": 'pipe:curl -H"Authorization: Bearer abc" https://host/a.tar'}, "d"),
+    ({"d": "pipe:curl -sSfu user:abc https://host/a.tar"}, "d"),
+    ({"d": "pipe:curl -b 'sid=abc' https://host/a.tar"}, "d"),
+    ({"d": "pipe:curl --oauth2-bearer abc https://host/a.tar"}, "d"),
+    ({"d": "pipe:wget --http-password=abc -O - https://host/a.tar"}, "d"),
+    ({"d": "pipe:curl --header='Cookie: session=abc' https://host/a.tar"}, "d"),
 ]
 NOT_SECRET = [
     {"s": {"https": {"headers": {"Authorization": "Bearer ${oc.env:SHARD_TOKEN}"}}}},
@@ -39,6 +47,11 @@ NOT_SECRET = [
     {"d": "pipe:cat /data/train-{000000..000003}.tar"},
     {"d": "s3://bucket/data/", "e": "https://host/data/?part=1"},
     {"modality": {"text": {"tokenizer": "open_clip", "context_length": 77}}, "trainer": {"record_keys": True}},
+    # options named like a credential that take no value keep the location after them
+    {"d": "pipe:aws s3 cp --no-sign-request s3://bucket/train/a.tar -"},
+    {"d": "pipe:curl -s --anyauth https://host/a.tar"},
+    {"d": "pipe:curl -b cookies.txt https://host/a.tar"},  # a cookie jar's file name
+    {"d": 'pipe:curl --header="Authorization: Bearer ${oc.env:SHARD_TOKEN}" https://host/a.tar'},
 ]
 
 
@@ -59,6 +72,43 @@ def test_references_and_plain_settings_are_no_credentials(config):
 def test_a_pipe_command_keeps_its_references_and_loses_its_literals():
     assert redact_location("pipe:curl -u $U:$P https://h/a.tar") == "pipe:curl -u $U:$P https://h/a.tar"
     assert redact_location("pipe:curl -u u:hunter2 https://h/a.tar") == f"pipe:curl -u u:{REDACTED} https://h/a.tar"
+    shown = redact_location('pipe:curl -sH"Authorization: Bearer hunter2" https://h/a.tar')
+    assert shown == f"pipe:curl -sH'Authorization: {REDACTED}' https://h/a.tar"
+    assert redact_location("pipe:X_TOKEN=hunter2 tool --token=hunter2 s3://b/a.tar") == (
+        f"pipe:X_TOKEN={REDACTED} tool --token={REDACTED} s3://b/a.tar"
+    )
+
+
+def test_log_lines_never_show_a_value_the_environment_brought_in(monkeypatch, caplog):
+    import io
+    import logging
+
+    from contrastive.credentials import environment_secrets, seal_logs
+    from contrastive.data.storage import ShardStream
+
+    monkeypatch.setenv("SHARD_TOKEN", TOKEN)
+    config = {"data": {"train": 'pipe:curl -H "Authorization: Bearer ${oc.env:SHARD_TOKEN}" https://h/a.tar'}}
+    assert environment_secrets(config) == {TOKEN}
+    assert environment_secrets({"d": "pipe:curl -H 'Authorization: Bearer $SHARD_TOKEN' https://h/a.tar"}) == {TOKEN}
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logging.getLogger().addHandler(handler)
+    try:
+        seal_logs({TOKEN})
+        # a command that fails, quoting the resolved token: the retry's warning shows the command
+        stream = ShardStream(
+            f"pipe:false --header 'Authorization: Bearer {TOKEN}' https://h/a.tar", retries=1, backoff=0
+        )
+        with pytest.raises(OSError):
+            stream.readinto(bytearray(64))
+        try:
+            raise RuntimeError(f"a library quoting it: {TOKEN}")
+        except RuntimeError:
+            logging.getLogger("contrastive").exception("failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert "retry 1 of 1" in out.getvalue() and "a library quoting it" in out.getvalue()
+    assert TOKEN not in out.getvalue()
 
 
 PLANTED = [
@@ -110,7 +160,8 @@ def test_a_credential_from_the_environment_is_used_and_never_written(demo_data, 
         proc = run_cli(
             "contrastive-train",
             *tiny_overrides(demo_data, run_dir),
-            f"data.train='pipe:curl -s -f -H \"Authorization: Bearer $SHARD_TOKEN\" {shards}'",
+            # the token brought in by ${oc.env:...} inside the command: resolved, then redacted everywhere
+            f"data.train='pipe:curl -s -f -H \"Authorization: Bearer ${{oc.env:SHARD_TOKEN}}\" {shards}'",
             "data.train_num_samples=160",
             f"data.eval={url}/heldout",
             "+data.storage_options={http:{headers:{Authorization:'Bearer ${oc.env:SHARD_TOKEN}'}}}",
@@ -119,6 +170,17 @@ def test_a_credential_from_the_environment_is_used_and_never_written(demo_data, 
             env=env,
         )
         run_cli("contrastive-export", str(run_dir), str(tmp_path / "exported"))
+        # embeddings of the shards read with the token: $SHARD_TOKEN for curl's shell to fill in
+        embedded = run_cli(
+            "contrastive-embed",
+            "embed",
+            str(tmp_path / "exported"),
+            "--data",
+            f"pipe:curl -s -f -H 'Authorization: Bearer $SHARD_TOKEN' {shards}",
+            "--out",
+            str(tmp_path / "emb"),
+            env=env,
+        )
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["eval/retrieval/image-audio/n"] == 40  # the held-out set, read with the token
     assert "data/bad/unreadable_shard" not in final  # every training shard came through curl
@@ -127,3 +189,5 @@ def test_a_credential_from_the_environment_is_used_and_never_written(demo_data, 
     assert "${oc.env:SHARD_TOKEN}" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the reference, kept
     assert files_holding(run_dir, TOKEN) == [] and files_holding(tmp_path / "exported", TOKEN) == []
     assert TOKEN not in proc.stdout + proc.stderr
+    assert len(list((tmp_path / "emb").glob("*.image.npy"))) == 4  # each shard its own file
+    assert files_holding(tmp_path / "emb", TOKEN) == [] and TOKEN not in embedded.stdout + embedded.stderr

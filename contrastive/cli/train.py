@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from contrastive.builders import import_modules
 from contrastive.config import CONFIG_DIR, as_schema, refuse_credentials, register_configs, saved_config, validate
+from contrastive.credentials import environment_secrets, seal_logs
 from contrastive.training import RunSpec, train_run
 
 log = logging.getLogger("contrastive")
@@ -69,7 +70,9 @@ def run_spec(cfg: DictConfig) -> RunSpec:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Trains as `cfg` says, in `run_dir` (contrastive.training); returns the final evaluation metrics."""
+    """Trains as `cfg` says, in `run_dir` (contrastive.training); returns the final evaluation metrics.
+    No log line shows a value the config brought in from the environment (contrastive.credentials)."""
+    seal_logs(environment_secrets(OmegaConf.to_container(cfg, resolve=False)))
     return train_run(run_spec(cfg), run_dir)
 
 
