@@ -10,7 +10,7 @@ from typing import Any
 
 from contrastive.data.shards import DataError
 from contrastive.data.sources import iter_tar_samples
-from contrastive.data.storage import redact
+from contrastive.data.storage import basename, redact
 from contrastive.data_tools.curate import (
     caption_of,
     copy_kept,
@@ -80,7 +80,7 @@ def _balance_shard(
             return True
         return False
 
-    return copy_kept(location, Path(out) / Path(location).name, keep), after
+    return copy_kept(location, Path(out) / basename(location), keep), after
 
 
 def drawn(seed: int, key: str, found: set[int], counts: dict[int, int], t: int) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 
 from contrastive.data.shards import SIZES_FILE, DataError, Shard, list_shards, write_shard
 from contrastive.data.sources import iter_tar_samples
-from contrastive.data.storage import STORAGE_OPTIONS, configure_storage, redact
+from contrastive.data.storage import STORAGE_OPTIONS, basename, configure_storage, redact
 from contrastive.modalities import MODALITIES
 
 log = logging.getLogger("contrastive.curate")
@@ -132,7 +132,7 @@ def finish_output(out: Path, command: str, shards: list[dict], report: dict[str,
 
 
 def _copy_without(location: str, out: str, drop: frozenset[str]) -> dict[str, Any]:
-    return copy_kept(location, Path(out) / Path(location).name, lambda s: s["__key__"] not in drop)
+    return copy_kept(location, Path(out) / basename(location), lambda s: s["__key__"] not in drop)
 
 
 def write_without(p: ProcessPoolExecutor, src_shards: list[Shard], out: Path, drop: dict[str, set[str]]) -> list:

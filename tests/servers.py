@@ -14,6 +14,7 @@ The first two run as child processes; the proxy runs in a thread here, or as its
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import http.server
 import os
@@ -28,7 +29,7 @@ import urllib.request
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 BIN = Path(sys.executable).parent
@@ -72,11 +73,15 @@ def _child(args: list[str], url: str, **kwargs) -> Iterator[None]:
 
 
 @contextmanager
-def http_server(root: str | os.PathLike, *, token: str | None = None, ranges: bool = False) -> Iterator[str]:
+def http_server(
+    root: str | os.PathLike, *, token: str | None = None, ranges: bool = False, if_range: bool = True
+) -> Iterator[str]:
     """`root` served over HTTP: yields its base URL. Python's own file server, which ignores `Range`;
-    with `ranges`, one that answers `Range: bytes=N-` with 206 from byte N; with `token`, a request
-    without the header `Authorization: Bearer <token>` is answered 401 (the token reaches the server
-    by its environment)."""
+    with `ranges`, one that answers `Range: bytes=N-` with 206 from byte N, sends an ETag (the file's
+    digest) and honours `If-Range` (a stale validator gets the whole new object, 200; not with
+    `if_range=False`, a server that sends the rest of whatever it has); with `token`, a
+    request without the header `Authorization: Bearer <token>` is answered 401 (the token reaches the
+    server by its environment)."""
     port = free_port()
     if token is None and not ranges:
         args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
@@ -84,12 +89,13 @@ def http_server(root: str | os.PathLike, *, token: str | None = None, ranges: bo
     else:
         args = [sys.executable, __file__, "http", "--root", str(root), "--port", str(port)]
         args += ["--ranges"] if ranges else []
+        args += [] if if_range else ["--no-if-range"]
         env = {**os.environ, "SERVE_TOKEN": token or ""}
     with _child(args, f"http://127.0.0.1:{port}/", env=env):
         yield f"http://127.0.0.1:{port}"
 
 
-def serve(root: str, port: int, token: str, ranges: bool) -> None:
+def serve(root: str, port: int, token: str, ranges: bool, if_range: bool = True) -> None:
     """Python's file server, answering only requests that carry the bearer token (if one is given)
     and, with `ranges`, a `Range: bytes=N-` request with 206 and the bytes from N on."""
 
@@ -111,9 +117,19 @@ def serve(root: str, port: int, token: str, ranges: bool) -> None:
                 return
             found = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
             path = Path(self.translate_path(self.path))
-            if not ranges or not found or not path.is_file():
+            if not ranges or not path.is_file():
                 return super().do_GET()
             data = path.read_bytes()
+            etag = '"' + hashlib.sha1(data).hexdigest() + '"'
+            stale = if_range and self.headers.get("If-Range", etag) != etag
+            if not found or stale:  # the whole (current) object
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-tar")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", etag)
+                self.end_headers()
+                self.wfile.write(data)
+                return
             start = int(found.group(1))
             if start >= len(data):
                 return self.send_error(416, "range not satisfiable")
@@ -121,6 +137,7 @@ def serve(root: str, port: int, token: str, ranges: bool) -> None:
             self.send_header("Content-Type", "application/x-tar")
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.send_header("Content-Length", str(len(data) - start))
+            self.send_header("ETag", etag)
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
             self.wfile.write(data[start:])
@@ -198,8 +215,9 @@ class FaultProxy:
     """Forwards every request to `upstream`. Each request waits `latency` seconds first; all bodies
     together are sent at most `bandwidth` bytes/s. GETs of `.tar` objects are numbered from 1: the
     `error_every`-th ones are answered 503 (S3's SlowDown), the `reset_every`-th ones are cut after
-    half their body with a TCP reset; a request whose "METHOD path" matches `deny` (a regex) is
-    answered 403 AccessDenied, which no client retries. Counters of what it did are in `served`."""
+    half their body with a TCP reset (at most `max_resets` of them, `on_reset` called after each); a
+    request whose "METHOD path" matches `deny` (a regex) is answered 403 AccessDenied, which no client
+    retries. Counters of what it did are in `served`."""
 
     def __init__(
         self,
@@ -211,11 +229,14 @@ class FaultProxy:
         reset_every: int = 0,
         deny: str | None = None,
         port: int = 0,
+        max_resets: int | None = None,
+        on_reset: Callable[[], None] = lambda: None,
     ):
         self.upstream = urlsplit(upstream)
         self.latency, self.bandwidth = latency, bandwidth
         self.error_every, self.reset_every = error_every, reset_every
         self.deny = re.compile(deny) if deny else None
+        self.max_resets, self.on_reset = max_resets, on_reset
         self.served = {"requests": 0, "tar_gets": 0, "errors_503": 0, "resets": 0, "bytes": 0, "denied": 0}
         self.gets: Counter = Counter()  # the access log: GETs per path
         self._lock = threading.Lock()
@@ -256,7 +277,8 @@ class FaultProxy:
             if self.error_every and n % self.error_every == 0:
                 self.served["errors_503"] += 1
                 return "503"
-            if self.reset_every and n % self.reset_every == 0:
+            below = self.max_resets is None or self.served["resets"] < self.max_resets
+            if self.reset_every and n % self.reset_every == 0 and below:
                 self.served["resets"] += 1
                 return "reset"
         return None
@@ -313,6 +335,7 @@ class FaultProxy:
                         self.close_connection = True
                         self.connection.close()
                         conn.close()
+                        proxy.on_reset()
                         return
                     proxy._throttle(len(data))
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
@@ -334,6 +357,7 @@ def main() -> None:
     p.add_argument("--upstream")
     p.add_argument("--root", help="http: the folder to serve (a token to require: $SERVE_TOKEN)")
     p.add_argument("--ranges", action="store_true", help="http: answer Range requests")
+    p.add_argument("--no-if-range", action="store_true", help="http: ignore If-Range")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--mbps", type=float, default=0.0, help="megabytes per second, all bodies together")
@@ -341,7 +365,7 @@ def main() -> None:
     p.add_argument("--reset-every", type=int, default=0)
     args = p.parse_args()
     if args.command == "http":
-        serve(args.root, args.port, os.environ.get("SERVE_TOKEN", ""), args.ranges)
+        serve(args.root, args.port, os.environ.get("SERVE_TOKEN", ""), args.ranges, not args.no_if_range)
         return
     proxy = FaultProxy(
         args.upstream,

@@ -91,3 +91,13 @@ def test_ranks_split_the_shards_and_search_finds_neighbours(setup):
     lines = found.stdout.strip().splitlines()
     assert lines[0].startswith("text 'sample number 17' -> nearest text of 400")
     assert "s00017" in lines[1]  # its own caption is the nearest text
+
+
+def test_shards_read_by_a_pipe_ending_in_a_dash_embed_to_files_of_their_own(setup):
+    """`pipe:aws s3 cp s3://b/{a,b}.tar -` ends in `-`: each shard is named by the .tar it reads."""
+    tmp, model, data = setup
+    out = tmp / "piped"
+    run_cli("contrastive-embed", *embed_cmd(model, f"pipe:cat {data}/part-{{000000..000002}}.tar | cat -", out)[1:])
+    assert sorted(p.name for p in out.glob("*.image.npy")) == [f"part-00000{i}.image.npy" for i in range(3)]
+    vectors, keys, _ = load_embeddings(out, "image")
+    assert len(keys) == len(set(keys)) == 60 and vectors.shape == (60, 16)

@@ -39,3 +39,40 @@ def test_a_reset_shard_resumes_where_it_broke(demo_data, ranges):
         assert ratio <= 1.05, ratio
     else:  # restarted from byte 0: each reset costs what had been read of its shard again
         assert ratio > 1.1, ratio
+
+
+def samples_of(path) -> list[dict]:
+    from contrastive.data.sources import iter_tar_samples
+
+    return list(iter_tar_samples(str(path)))
+
+
+@pytest.mark.parametrize("if_range", [True, False])
+def test_an_object_replaced_mid_read_is_read_again_whole_never_spliced(demo_data, tmp_path, if_range):
+    """The first GET is reset half-way and the shard replaced by another of other samples (and
+    length) before the reader asks for the rest: with If-Range the server answers the new object
+    whole; a server that ignores If-Range answers the rest of the new one, whose ETag and length
+    give it away. Either way every sample delivered is whole, of one version, at its place."""
+    from contrastive.data.shards import Shard
+
+    old, new = sorted((demo_data / "train").glob("*.tar"))[:2]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "x.tar").write_bytes(old.read_bytes())
+    versions = [samples_of(old), samples_of(new)]
+
+    def replace() -> None:
+        (site / "x.tar").write_bytes(new.read_bytes() + (b"" if if_range else b"\0" * 1024))
+
+    with http_server(site, ranges=True, if_range=if_range) as url:
+        # a link of 5 MB/s, so that the reader has taken part of the body when the reset comes
+        with FaultProxy(url, reset_every=1, max_resets=1, on_reset=replace, bandwidth=5e6) as proxy:
+            slots = list(read_segments([(Shard(f"{proxy.url}/x.tar", None), 0, None, None)]))
+    assert proxy.served["resets"] == 1
+    assert not [s for s in slots if "__error__" in s]
+    assert slots[-1].get("__restarts__") == 1  # counted (data/changed_shards)
+    first, second = versions
+    for i, slot in enumerate(slots):
+        got = {k: v for k, v in slot.items() if not k.startswith("__") or k == "__key__"}
+        assert got in (first[i] if i < len(first) else None, second[i]), f"slot {i} is of neither version whole"
+    assert slots[0]["__key__"] == first[0]["__key__"] and slots[-1]["__key__"] == second[-1]["__key__"]

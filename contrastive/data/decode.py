@@ -214,6 +214,7 @@ class BatchDecoder:
                 continue
             before = lost(counts)
             counts["retries"] += slot.get("__retries__", 0)  # of the remote reads that brought it
+            counts["changed_shards"] += slot.get("__restarts__", 0)  # objects replaced while read: read again
             if "__error__" in slot:
                 counts[f"bad/{slot['__error__']}"] += 1
                 counts[f"{BROKEN_SHARD}{slot.get('__shard__', '?')}"] += 1

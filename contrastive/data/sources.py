@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 from contrastive.data.shards import DataError, Shard, list_shards, sample_key
-from contrastive.data.storage import prefetched
+from contrastive.data.storage import ObjectChanged, open_shard, prefetched
 from contrastive.data.tar import MAX_MEMBER, iter_tar_members
+
+MAX_RESTARTS = 2  # reads of a shard from its start again, when its object changes under the reader
 
 log = logging.getLogger("contrastive.data")
 
@@ -96,13 +98,27 @@ def read_segments(
             slot["__retries__"] = slot.get("__retries__", 0) + sum(retries.popleft() for _ in range(len(retries)))
         return slot
 
-    for (shard, start, count, keep), (_, stream) in zip(segments, streams):
-        end = max(keep) + 1 if keep else start + count if count is not None else None
-        delivered, reason, extra = 0, None, 0
-        last = None
+    for segment, (_, stream) in zip(segments, streams):
+        for slot in segment_slots(segment, stream, retries, max_member=max_member):
+            yield tagged(slot)
+
+
+def segment_slots(segment: Segment, stream: Any, retries: deque, *, max_member: int) -> Iterator[dict[str, Any]]:
+    """The slots of one segment (see read_segments) from `stream`, its shard's bytes. A shard whose
+    object changed while it was read (storage.ObjectChanged) is read again from its first byte, the
+    samples parsed so far skipped: whole samples of the new version, never two versions' bytes joined."""
+    shard, start, count, keep = segment
+    end = max(keep) + 1 if keep else start + count if count is not None else None
+    delivered, reason, extra = 0, None, 0
+    last = None
+    seen, restarts = 0, 0  # samples parsed (read again after a restart, not delivered again)
+    while True:
         try:
             with stream:
                 for index, sample in enumerate(iter_tar_samples(stream, max_member=max_member)):
+                    if index < seen:
+                        continue
+                    seen = index + 1
                     if count is not None and delivered == count:
                         if end < shard.samples:
                             break
@@ -111,22 +127,35 @@ def read_segments(
                     if index >= start and (keep is None or index in keep):
                         sample["__shard__"] = shard.name
                         if last is not None:
-                            yield tagged(last)
+                            yield last
                         last, delivered = sample, delivered + 1
             if count is not None and delivered < count:
                 reason = "short_shard"
                 log.warning("shard %s holds fewer samples than sizes.json says (%d)", shard.name, shard.samples)
+        except ObjectChanged as e:
+            if restarts < MAX_RESTARTS:
+                restarts += 1
+                log.warning(
+                    "shard %s: %s; read again from its start, the first %d samples skipped", shard.name, e, seen
+                )
+                stream = open_shard(shard.path, on_retry=lambda: retries.append(1))
+                continue
+            reason = "changed_shard"
+            log.warning("shard %s: %s after %d samples: %s", shard.name, reason, start + delivered, e)
         except (tarfile.TarError, OSError, EOFError) as e:
             reason = "truncated_shard" if delivered or start else "unreadable_shard"
             log.warning("shard %s: %s after %d samples: %s", shard.name, reason, start + delivered, e)
+        break
+    if extra:
+        log.warning("shard %s holds %d samples more than sizes.json says; they are not read", shard.name, extra)
+    if last is not None:
         if extra:
-            log.warning("shard %s holds %d samples more than sizes.json says; they are not read", shard.name, extra)
-        if last is not None:
-            if extra:
-                last["__extra__"] = extra
-            yield tagged(last)
-        for _ in range(count - delivered if count is not None else int(reason is not None)):
-            yield tagged({"__error__": reason, "__shard__": shard.name})
+            last["__extra__"] = extra
+        if restarts:
+            last["__restarts__"] = restarts
+        yield last
+    for _ in range(count - delivered if count is not None else int(reason is not None)):
+        yield {"__error__": reason, "__shard__": shard.name}
 
 
 def whole_shards(sources: Sequence[Source], *, worker: int, workers: int, **read: Any) -> Iterator[dict[str, Any]]:

@@ -12,6 +12,9 @@ Shards are read as streams, in order, never copied to disk: `ShardStream` surviv
 reopening the source where it broke (a range read on object stores, and on web servers that take
 `Range`; a server that ignores it, or a pipe, is restarted and its bytes up to there discarded), so
 that no sample is repeated or lost; each retry is counted, and the first few of a shard are logged.
+An HTTP stream resumes only the object it began reading: the first answer's ETag (or Last-Modified)
+goes with the range request as `If-Range`, and an answer of another version (another validator, or
+another total length in `Content-Range`) raises ObjectChanged instead of joining two versions' bytes.
 A missing object, a missing bucket or a refused credential is no transient error: it is raised.
 `prefetched` reads a worker's next shards ahead in a thread, holding at most 2 x `prefetch_bytes`
 (the rest of the shard being parsed, and the next one).
@@ -27,6 +30,7 @@ import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
@@ -44,6 +48,28 @@ PIECE = 64 << 10  # bytes per read of the source under it (what a broken connect
 
 class StorageError(OSError):
     """A location that cannot be read as asked (missing, refused): not worth a retry."""
+
+
+class ObjectChanged(StorageError):
+    """The object changed between two reads of one stream (another ETag, Last-Modified or length):
+    its bytes cannot be joined; the shard is read again from its start (contrastive.data.sources)."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """What identifies one version of an HTTP object: its validators and its whole length."""
+
+    etag: str | None
+    modified: str | None
+    length: int | None
+
+    def differs(self, other: "Version") -> bool:
+        pairs = ((self.etag, other.etag), (self.modified, other.modified), (self.length, other.length))
+        return any(a is not None and b is not None and a != b for a, b in pairs)
+
+    def if_range(self) -> str | None:
+        """The If-Range validator (a strong ETag, else Last-Modified), None without one."""
+        return self.etag if self.etag and not self.etag.startswith("W/") else self.modified
 
 
 def local_path(location: str) -> str:
@@ -98,14 +124,25 @@ def join(base: str, name: str) -> str:
 
 
 def basename(location: str) -> str:
-    """The file name a location ends in (for a pipe, its last word's)."""
-    tail = (
-        location.split()[-1]
-        if location.startswith(PIPE)
-        else urlsplit(location).path
-        if "://" in location
-        else location
-    )
+    """The file name a location ends in: a shard's name (in counts, embeddings' file names, curation's
+    outputs), unique and stable for each of a set's shards. A URL's path ends it (its query is no part
+    of it). A pipe's is that of the last URL or path the command names a .tar by (`pipe:aws s3 cp
+    s3://b/part-7.tar -` is part-7.tar, not `-`), else of its last word that is no option, else a
+    digest of the command."""
+    if location.startswith(PIPE):
+        import hashlib
+        import shlex
+
+        try:
+            words = shlex.split(location[len(PIPE) :])
+        except ValueError:
+            words = location[len(PIPE) :].split()
+        named = [w for w in words if not w.startswith("-") and w.rstrip("/").split("?")[0].endswith(".tar")]
+        named = named or [w for w in words[1:] if not w.startswith("-") and ("/" in w or "." in w)]
+        if not named:
+            return "pipe-" + hashlib.sha1(location.encode()).hexdigest()[:12] + ".tar"
+        return basename(named[-1])
+    tail = urlsplit(location).path if "://" in location else location
     return os.path.basename(tail.rstrip("/"))
 
 
@@ -143,38 +180,54 @@ def _stream_filesystem(location: str):
     return fs, path
 
 
-def _open_raw(location: str, offset: int):
-    """(a binary stream of `location`, the offset it starts at): a local file or an object store seek to
-    `offset`; a pipe or a plain HTTP stream starts at 0."""
+def _open_raw(location: str, offset: int, version: Version | None = None):
+    """(a binary stream of `location`, the offset it starts at, the HTTP object's version or None): a
+    local file or an object store seek to `offset`; a pipe or a plain HTTP stream starts at 0. An HTTP
+    stream opened again at `offset` asks for the rest only if the object is still `version`
+    (If-Range), and raises ObjectChanged when the answer is of another version."""
     if location.startswith(PIPE):
         from webdataset.gopen import gopen
 
-        return gopen(location, "rb"), 0
+        return gopen(location, "rb"), 0, None
     if not is_remote(location):
         f = open(local_path(location), "rb", buffering=0)
         f.seek(offset)
-        return f, offset
+        return f, offset, None
     fs, path = _stream_filesystem(location)
     if fs.protocol in ("http", "https") or "http" in fs.protocol:
         if not offset:
-            return fs.open(path, "rb", block_size=0), 0  # one GET, streamed
-        # where it broke, if the server takes a range; else from the start (the caller skips)
+            f = fs.open(path, "rb", block_size=0)  # one GET, streamed
+            return f, 0, _http_answer(f)[0]
+        # where it broke, if the server takes a range and the object is the one read so far; else
+        # from the start (the caller skips what it has, of the same version only)
         headers = {**(fs.kwargs.get("headers") or {}), "Range": f"bytes={offset}-"}
+        if version is not None and version.if_range():
+            headers["If-Range"] = version.if_range()
         f = fs.open(path, "rb", block_size=0, headers=headers)
-        return f, offset if _http_range_start(f) == offset else 0
+        now, start = _http_answer(f)
+        if version is not None and version.differs(now):
+            f.close()
+            raise ObjectChanged(f"{redact(location)} changed while it was read ({version} -> {now})")
+        return f, offset if start == offset else 0, now
     f = fs.open(path, "rb", block_size=8 * CHUNK, cache_type="readahead")
     f.seek(offset)
-    return f, offset
+    return f, offset, None
 
 
-def _http_range_start(f: Any) -> int | None:
-    """Where an fsspec HTTP stream's body starts: the first byte of its 206 answer's Content-Range, or
-    None for a whole answer (a server that ignored Range)."""
+def _http_answer(f: Any) -> tuple[Version, int | None]:
+    """(the version of the object an fsspec HTTP stream answers with, where its body starts: the first
+    byte of a 206's Content-Range, None for a whole answer)."""
     from contrastive.adapters import http_status
 
     status, headers = http_status(f)
-    found = re.match(r"bytes (\d+)-", headers.get("Content-Range", "")) if status == 206 else None
-    return int(found.group(1)) if found else None
+    headers = {k.lower(): v for k, v in headers.items()}
+    start, length = None, headers.get("content-length")
+    if status == 206:
+        found = re.match(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
+        start = int(found.group(1)) if found else None
+        length = found.group(2) if found and found.group(2) != "*" else None
+    whole = int(length) if length and length.isdigit() else None
+    return Version(headers.get("etag"), headers.get("last-modified"), whole), start
 
 
 WARN_RETRIES = 3  # retries of one shard logged with their reason; later ones are counted only
@@ -196,13 +249,15 @@ class ShardStream(io.RawIOBase):
         self.location, self.retries, self.backoff = location, retries, backoff
         self.on_retry = on_retry or (lambda: None)
         self.offset = 0  # bytes delivered
+        self.version: Version | None = None  # of an HTTP object, from its first answer
         self._raw, self._at = None, 0
         self.retried = 0
         self._attempt(lambda: None)  # opened now: a missing object fails here
 
     def _open(self) -> None:
         self._close_raw()
-        self._raw, self._at = _open_raw(self.location, self.offset)
+        self._raw, self._at, version = _open_raw(self.location, self.offset, self.version)
+        self.version = self.version or version
 
     def _close_raw(self) -> None:
         if self._raw is not None:
