@@ -14,7 +14,7 @@ broken), `counted` (OSError or EOFError: counted as well), `uncounted` (any othe
 would end a run), `memory` (MemoryError under the
 limit), `timeout` (no answer within the bound: a hang) or `crash` (the child died).
 
-Run as a script, it is the child: `python tar_fuzz.py CHILD_ARGS_JSON` (see run_cases).
+Run as a script, it is the child: `python tar_fuzz.py CHILD_ARGS_JSON` (tests/fuzz_harness.py).
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import random
-import select
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Iterable
+
+from fuzz_harness import limit_memory, run_in_children, serve_cases
 
 BLOCK = 512
 HERE = Path(__file__).resolve().parent
@@ -258,39 +256,17 @@ def classify(data: bytes, max_member: int) -> tuple[str, str]:
         return "uncounted", f"{type(e).__name__}: {e}"[:200]
 
 
-def _vm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(args: dict) -> None:
-    import resource
-    import signal
-
     import contrastive.data.tar  # noqa: F401 - imported before the limit is set
 
-    class Timeout(BaseException):
-        pass
-
-    def alarm(*_):
-        raise Timeout
-
-    signal.signal(signal.SIGALRM, alarm)
-    limit = _vm_bytes() + (args["memory_mb"] << 20)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    limit_memory(args["memory_mb"])
     fuzz = Fuzz([Path(p).read_bytes() for p in args["bases"]], seed=args["seed"])
-    for index in args["indices"]:
+
+    def run_case(index: int) -> tuple[str, str]:
         data = Path(args["files"][index]).read_bytes() if args.get("files") else fuzz.case(index)[0]
-        signal.setitimer(signal.ITIMER_REAL, args["seconds"])
-        try:
-            status, detail = classify(data, args["max_member"])
-        except Timeout:
-            status, detail = "timeout", f"over {args['seconds']} s"
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        print(json.dumps([index, status, detail]), flush=True)
+        return classify(data, args["max_member"])
+
+    serve_cases(args["indices"], args["seconds"], run_case)
 
 
 def run_cases(
@@ -303,57 +279,14 @@ def run_cases(
     max_member: int = 64 << 20,
     files: list[str] | None = None,
 ) -> dict[int, tuple[str, str]]:
-    """{case index: (status, detail)} for each case, read in child processes (a new one after a case
-    that killed or hung its child, which the parent waits `2 x seconds` for). With `files`, case i is
-    the archive files[i] as it is (a corpus) instead of a mutation."""
-    pending, results = list(indices), {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    """{case index: (status, detail)} for each case, read in child processes (tests/fuzz_harness.py).
+    With `files`, case i is the archive files[i] as it is (a corpus) instead of a mutation."""
+    args = dict(bases=bases, seed=seed, memory_mb=memory_mb, seconds=seconds, max_member=max_member)
     # the child must work on an undamaged archive, or every case would read as a crash
-    probe = dict(bases=bases, seed=seed, indices=[0], memory_mb=memory_mb, seconds=seconds, max_member=max_member)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__)), json.dumps({**probe, "files": bases[:1]})],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    if proc.returncode != 0 or json.loads(proc.stdout)[1] != "ok":
-        raise RuntimeError(f"the fuzz child fails on an undamaged shard:\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    while pending:
-        args = dict(
-            bases=bases,
-            seed=seed,
-            indices=pending,
-            memory_mb=memory_mb,
-            seconds=seconds,
-            max_member=max_member,
-            files=files,
-        )
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__)), json.dumps(args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        started = time.monotonic()
-        while pending:
-            ready, _, _ = select.select([proc.stdout], [], [], 2 * seconds + (10 if pending == args["indices"] else 0))
-            line = proc.stdout.readline() if ready else ""
-            if not line:  # the child died, or went silent past the bound: this case is what did it
-                proc.kill()
-                proc.wait()
-                results[pending.pop(0)] = (
-                    "timeout" if not ready else "crash",
-                    f"child after {time.monotonic() - started:.1f} s",
-                )
-                break
-            index, status, detail = json.loads(line)
-            assert index == pending[0], (index, pending[0])
-            results[pending.pop(0)] = (status, detail)
-        else:
-            proc.wait()
-    return results
+    probe = run_in_children(Path(__file__), {**args, "indices": [0], "files": bases[:1]}, seconds=seconds)
+    if probe[0][0] != "ok":
+        raise RuntimeError(f"the fuzz child fails on an undamaged shard: {probe[0]}")
+    return run_in_children(Path(__file__), {**args, "indices": list(indices), "files": files}, seconds=seconds)
 
 
 if __name__ == "__main__":

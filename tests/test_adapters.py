@@ -42,6 +42,7 @@ def test_deepspeed_skips_the_shared_memory_allreduce_it_is_told_cannot_build(mon
 @pytest.mark.parametrize("ranges", [True, False])
 def test_an_http_streams_status_says_whether_the_range_was_honoured(demo_data, ranges):
     import fsspec
+
     from servers import http_server
 
     with http_server(demo_data, ranges=ranges) as url:

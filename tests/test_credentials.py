@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from servers import http_server
 
 from contrastive.credentials import REDACTED, find_secrets, redact, redact_location
 
 from conftest import run_cli, tiny_overrides
+from servers import http_server
 
 TOKEN = "tok-3f9a6c1e-never-written-anywhere"
 

@@ -13,12 +13,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from servers import http_server
 
 from contrastive.data.shards import ShardWriter
 from contrastive.data_tools.pollute import pollute
 
 from conftest import run_cli, tiny_overrides
+from servers import http_server
 
 
 def tree(directory: Path, names: str = "*") -> dict[str, str]:

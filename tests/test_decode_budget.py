@@ -9,10 +9,9 @@ import json
 import subprocess
 import sys
 
-from pathological import deep_json, huge_caption, many_channels_wav, png_claiming, silent_flac
-
 from conftest import BIN, REPO, read_jsonl, tiny_overrides
 from datasets import sample, write_dataset
+from pathological import deep_json, huge_caption, many_channels_wav, png_claiming, silent_flac
 
 # key -> (what is done to the sample, the counters it must raise)
 PATHOLOGICAL = {

@@ -9,12 +9,12 @@ import os
 import subprocess
 
 import pytest
-from servers import FaultProxy, http_server
 
 from contrastive.data.shards import write_shard
 from contrastive.data.sources import iter_tar_samples
 
 from conftest import BIN, REPO, run_cli, tiny_overrides
+from servers import FaultProxy, http_server
 
 SHARDS = 4
 

@@ -6,10 +6,11 @@ faults, and each retry counted."""
 from __future__ import annotations
 
 import pytest
-from servers import FaultProxy, http_server
 
 from contrastive.data.shards import list_shards
 from contrastive.data.sources import read_segments
+
+from servers import FaultProxy, http_server
 
 EPOCHS = 3  # 12 shard reads: 4 of them reset
 

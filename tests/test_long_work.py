@@ -12,9 +12,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from servers import FaultProxy, s3_env, s3_server
 
 from conftest import BIN, REPO, tiny_overrides
+from servers import FaultProxy, s3_env, s3_server
 
 
 @pytest.fixture(scope="module")

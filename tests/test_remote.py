@@ -10,7 +10,6 @@ import json
 import shutil
 
 import pytest
-from servers import FaultProxy, gcs_env, gcs_server, http_server, s3_env, s3_server, upload
 from test_e2e import PINNED_LOSSES
 from test_resume import keyed_overrides
 
@@ -20,6 +19,7 @@ from contrastive.data.sources import read_segments
 from contrastive.data.storage import StorageError, check_no_secrets, redact
 
 from conftest import read_jsonl, run_cli, tiny_overrides
+from servers import FaultProxy, gcs_env, gcs_server, http_server, s3_env, s3_server, upload
 
 SECRET = "never-written-anywhere-0123456789"  # the S3 secret key: moto takes any
 
