@@ -6,6 +6,11 @@ Remote rows, same run, 2 workers: the same shards from an HTTP server (Python's)
 proxy of tests/servers.py set to 50 ms a request and 50 MB/s, and from an S3-compatible server
 (moto), against the local figure (measured before and after them, averaged). `--no-remote` skips them.
 
+Long clips, same run, 2 workers, audio and text: 48 samples whose clips are 10 minutes long against
+the same samples cut to 10 seconds (tones repeating every 4096 frames, FLAC written frame by frame by
+tests/pathological.py: ~7 MB a 10-minute clip). Audio is read by window, so the two should match
+(within 20%); decoding each clip whole made the long ones ~60x slower. `--no-long-clips` skips them.
+
     .venv/bin/python benchmarks/loader.py                      # the demo set (built if missing)
     .venv/bin/python benchmarks/loader.py --data data/demo/train --batch-size 64
 
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--no-remote", action="store_true", help="skip the HTTP and S3 rows")
+    parser.add_argument("--no-long-clips", action="store_true", help="skip the 10-minute clips row")
     args = parser.parse_args()
     import torch
 
@@ -141,9 +147,33 @@ def main() -> None:
             for w in (1, 2)
         }
     )
+    if not args.no_long_clips:
+        result["long_clips"] = long_clip_rows(modalities, args.batch_size)
     if not args.no_remote:
         result["remote"] = remote_rows(data, modalities, args.batch_size, result["pipeline_2_workers"])
     print(json.dumps(result))
+
+
+def long_clip_rows(modalities, batch_size: int, samples: int = 48) -> dict:
+    """2-worker pipeline throughput, audio and text, on 10-minute clips against the same cut to 10 s."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from contrastive.data import load_sources
+    from contrastive.data.shards import ShardWriter
+
+    from pathological import looped_flac
+
+    chosen = {name: modalities[name] for name in ("audio", "text")}
+    rows, work = {}, Path(tempfile.mkdtemp(prefix="long-clips-"))
+    for seconds in (600, 10):
+        with ShardWriter(work / f"{seconds}s", prefix="clips", max_count=8) as writer:
+            for i in range(samples):
+                writer.write({"__key__": f"c{i:04d}", "flac": looped_flac(seconds, seed=i % 8), "txt": f"tone {i % 8}"})
+        n, secs = pipeline(load_sources(str(work / f"{seconds}s")), chosen, batch_size // 4, 2)
+        rows[f"clips_{seconds}s"] = {"samples": n, "seconds": secs, "samples_per_s": n / secs}
+        print(f"{seconds:4d} s clips, audio + text:  {n / secs:9.0f} samples/s (2 workers)", flush=True)
+    rows["ratio_600s_over_10s"] = rows["clips_600s"]["samples_per_s"] / rows["clips_10s"]["samples_per_s"]
+    print(f"10-minute clips / 10-second clips: {rows['ratio_600s_over_10s']:.2f}x (target >= 0.8x)", flush=True)
+    return rows
 
 
 def remote_rows(data: str, modalities, batch_size: int, local_before: dict) -> dict:
@@ -151,9 +181,9 @@ def remote_rows(data: str, modalities, batch_size: int, local_before: dict) -> d
     import subprocess
 
     sys.path.insert(0, str(REPO / "tests"))
-    from servers import http_server, s3_env, s3_server, upload
-
     from contrastive.data import load_sources
+
+    from servers import http_server, s3_env, s3_server, upload
 
     rows = {}
     root, name = Path(data).parent, Path(data).name
