@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import BIN, REPO, read_jsonl, run_cli, tiny_overrides
+from conftest import BIN, REPO, read_jsonl, run_cli, script, tiny_overrides
 from datasets import write_dataset
 from dist_utils import run_ranks
 
@@ -35,7 +35,7 @@ def launch(demo, run_dir, *extra) -> subprocess.Popen:
         *extra,
     )
     return subprocess.Popen(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args],
+        ["torchrun", "--standalone", "--nproc_per_node", "2", *script("contrastive-train"), *args],
         cwd=REPO,
         env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
         stdout=subprocess.PIPE,

@@ -18,7 +18,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, script
 
 CLASSES = ["red", "green", "blue", "white", "black", "yellow"]
 COLOURS = {
@@ -222,7 +222,6 @@ def test_an_audio_zero_shot_set_in_the_same_layout_is_scored(export, tmp_path):
 
 
 def test_two_ranks_embed_the_sets_once_between_them_with_the_same_figures(export, benchmark_sets, tmp_path):
-    from conftest import BIN
 
     args = [
         str(export),
@@ -239,7 +238,7 @@ def test_two_ranks_embed_the_sets_once_between_them_with_the_same_figures(export
         "--standalone",
         "--nproc_per_node",
         "2",
-        str(BIN / "contrastive-eval"),
+        *script("contrastive-eval"),
         *args,
         "--json",
         str(tmp_path / "two.json"),

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from contrastive.data.sources import iter_tar_samples
 
-from conftest import BIN, read_jsonl, run_cli, tiny_overrides
+from conftest import read_jsonl, run_cli, script, tiny_overrides
 from datasets import write_dataset
 from dist_utils import free_port
 
@@ -29,10 +29,10 @@ def two_ranks(launcher: str, demo, run_dir, *extra):
         "data.eval=null",
         *extra,
     )
-    train = str(BIN / "contrastive-train")
+    train = script("contrastive-train")
     if launcher == "torchrun":
-        return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", train, *args)
-    return run_cli("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), train, *args)
+        return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", *train, *args)
+    return run_cli("deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *train, *args)
 
 
 def losses(run_dir):

@@ -15,7 +15,7 @@ from contrastive.builders import build_objective
 from contrastive.embed import load_embeddings
 from contrastive.export import export_model
 
-from conftest import BIN, REPO, run_cli
+from conftest import REPO, run_cli, script, tool
 from datasets import sample, tiny_modalities, write_dataset
 
 
@@ -28,25 +28,19 @@ def setup(tmp_path_factory):
     return tmp, tmp / "export", data
 
 
-def embed_cmd(model, data, out, *extra):
-    return [
-        str(BIN / "contrastive-embed"),
-        "embed",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        *extra,
-    ]
+def embed_args(model, data, out, *extra):
+    return ["embed", str(model), "--data", str(data), "--out", str(out), "--batch-size", "8", *extra]
 
 
 def test_interrupted_embedding_resumes_without_recomputing(setup):
     tmp, model, data = setup
     out = tmp / "killed"
-    proc = subprocess.Popen(embed_cmd(model, data, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*tool("contrastive-embed"), *embed_args(model, data, out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.done"))) < 2:
         time.sleep(0.01)
@@ -55,12 +49,12 @@ def test_interrupted_embedding_resumes_without_recomputing(setup):
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.done")}
     assert 2 <= len(finished) < 20, "the kill should land between the first and the last shard"
 
-    rerun = run_cli("contrastive-embed", *embed_cmd(model, data, out)[1:])
+    rerun = run_cli("contrastive-embed", *embed_args(model, data, out))
     assert f"embedded {20 - len(finished)} shards, skipped {len(finished)} finished ones" in rerun.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.done") if p.name in finished} == finished
 
     whole = tmp / "whole"
-    run_cli("contrastive-embed", *embed_cmd(model, data, whole)[1:])
+    run_cli("contrastive-embed", *embed_args(model, data, whole))
     for m in ("image", "audio", "text"):
         got, keys, labels = load_embeddings(out, m)
         want, want_keys, _ = load_embeddings(whole, m)
@@ -71,7 +65,9 @@ def test_interrupted_embedding_resumes_without_recomputing(setup):
 def test_ranks_split_the_shards_and_search_finds_neighbours(setup):
     tmp, model, data = setup
     out = tmp / "ranks"
-    proc = run_cli("torchrun", "--standalone", "--nproc_per_node", "2", *embed_cmd(model, data, out))
+    proc = run_cli(
+        "torchrun", "--standalone", "--nproc_per_node", "2", *script("contrastive-embed"), *embed_args(model, data, out)
+    )
     assert "rank 0: embedded 10 shards" in proc.stdout and "rank 1: embedded 10 shards" in proc.stdout
     emb, keys, _ = load_embeddings(out, "text")
     assert emb.shape == (400, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
@@ -97,7 +93,7 @@ def test_shards_read_by_a_pipe_ending_in_a_dash_embed_to_files_of_their_own(setu
     """`pipe:aws s3 cp s3://b/{a,b}.tar -` ends in `-`: each shard is named by the .tar it reads."""
     tmp, model, data = setup
     out = tmp / "piped"
-    run_cli("contrastive-embed", *embed_cmd(model, f"pipe:cat {data}/part-{{000000..000002}}.tar | cat -", out)[1:])
+    run_cli("contrastive-embed", *embed_args(model, f"pipe:cat {data}/part-{{000000..000002}}.tar | cat -", out))
     assert sorted(p.name for p in out.glob("*.image.npy")) == [f"part-00000{i}.image.npy" for i in range(3)]
     vectors, keys, _ = load_embeddings(out, "image")
     assert len(keys) == len(set(keys)) == 60 and vectors.shape == (60, 16)

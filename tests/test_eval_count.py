@@ -13,7 +13,7 @@ import pytest
 from contrastive.data.shards import write_shard
 from contrastive.data.sources import iter_tar_samples
 
-from conftest import BIN, REPO, run_cli, tiny_overrides
+from conftest import BIN, REPO, run_cli, script, tiny_overrides
 from servers import FaultProxy, http_server
 
 SHARDS = 4
@@ -49,7 +49,7 @@ def test_a_set_without_sizes_is_read_once_per_evaluation_by_two_ranks(demo_data,
             "data.batch_size=8",
         )
         proc = subprocess.run(
-            ["torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args],
+            ["torchrun", "--standalone", "--nproc_per_node", "2", *script("contrastive-train"), *args],
             cwd=REPO,
             env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
             capture_output=True,

@@ -16,7 +16,7 @@ import pytest
 
 from contrastive.evaluation.probe import validation_split
 
-from conftest import BIN, REPO, read_jsonl, run_cli, tiny_overrides
+from conftest import REPO, read_jsonl, run_cli, tiny_overrides, tool
 from datasets import png, write_dataset
 
 CLASSES, SHOTS = 1000, 4
@@ -57,7 +57,7 @@ def test_a_failing_eval_set_is_named_and_training_finishes(demo_data, few_shot, 
         "eval.probe_cs=[1.0]",
     )
     proc = subprocess.Popen(
-        [str(BIN / "contrastive-train"), *args],
+        [*tool("contrastive-train"), *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, tiny_overrides
+from conftest import BIN, REPO, script, tiny_overrides
 from servers import FaultProxy, s3_env, s3_server
 
 
@@ -45,7 +45,7 @@ def two_ranks(demo, run_dir: Path, logs: Path, endpoint: str, *extra: str) -> tu
     started = time.monotonic()
     proc = subprocess.run(
         ["torchrun", "--standalone", "--nproc_per_node", "2", "--redirects", "3", "--log-dir", str(logs)]
-        + [str(BIN / "contrastive-train"), *args],
+        + [*script("contrastive-train"), *args],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import BIN, read_jsonl, run_cli, tiny_overrides
+from conftest import read_jsonl, run_cli, script, tiny_overrides
 
 
 def keys_by_rank(run_dir, ranks):
@@ -39,7 +39,7 @@ def train(launcher, demo, run_dir, *extra, check=True):
     """keyed_overrides on one process ("single") or two ranks ("torchrun")."""
     args = keyed_overrides(demo, run_dir, *extra)
     if launcher == "torchrun":
-        return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", str(BIN / "contrastive-train"), *args)
+        return run_cli("torchrun", "--standalone", "--nproc_per_node", "2", *script("contrastive-train"), *args)
     return run_cli("contrastive-train", *args, check=check)
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO, read_jsonl, run_cli, tiny_overrides
+from conftest import REPO, read_jsonl, run_cli, script, tiny_overrides
 
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 
@@ -187,7 +187,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, demo_data, tm
         "--standalone",
         "--nproc_per_node",
         "2",
-        str(BIN / "contrastive-train"),
+        *script("contrastive-train"),
         *tiny_overrides(demo_data, reference),
         *common,
     )
