@@ -280,10 +280,15 @@ def child(args: dict) -> None:
         status, detail = verdict(sample, row, counts, warned)
         return status, f"{how}: {detail}"
 
+    def peak() -> int:  # this child's peak resident memory so far (KiB)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    baseline = peak()  # its imports', before any case
+
     def run_and_report(index: int) -> tuple[str, str]:
         outcome = run_case(index)
-        with open(args["peaks"], "a") as f:  # this child's peak resident memory so far (KiB)
-            f.write(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\n")
+        with open(args["peaks"], "a") as f:  # how far a case took it above its imports' footprint
+            f.write(f"{peak() - baseline}\n")
         return outcome
 
     serve_cases(args["indices"], args["seconds"], run_and_report)
@@ -292,8 +297,9 @@ def child(args: dict) -> None:
 def run_cases(
     *, seed: int, indices: Iterable[int], peaks: str, memory_mb: int = 768, seconds: float = 5.0
 ) -> dict[int, tuple[str, str]]:
-    """{case index: (status, detail)}, decoded in child processes (tests/fuzz_harness.py); each child's
-    peak resident memory after each case appended to the file `peaks` (KiB, one a line)."""
+    """{case index: (status, detail)}, decoded in child processes (tests/fuzz_harness.py); after each
+    case, how far its child's peak resident memory rose above the child's imports' (KiB) is appended
+    to the file `peaks`, one a line."""
     args = dict(seed=seed, memory_mb=memory_mb, seconds=seconds, peaks=peaks)
     return run_in_children(Path(__file__), {**args, "indices": list(indices)}, seconds=seconds)
 

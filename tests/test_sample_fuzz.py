@@ -1,7 +1,8 @@
 """The loader's decoding against damaged samples: thousands of seeded, structure-aware mutants of real
 media and metadata (tests/sample_fuzz.py), each decoded as the loader decodes it, in a child process
-under a wall-clock bound and a memory limit: none ends a run, none loses something uncounted, and the
-child's resident memory stays within a stated bound."""
+under a wall-clock bound and a memory limit: none ends a run, none loses something uncounted, and no
+case takes the child's resident memory more than 256 MB above what its imports hold (the previous
+decoder: ~600 MB, a FLAC header claiming hours decoded whole)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sample_fuzz import GOOD, run_cases
 
 CASES = 5000
 MEMORY_MB = 768  # address space the child may add to its imports' (a case past it: MemoryError)
-PEAK_MB = 1024  # the child's resident memory, imports included, after any case
+GROWTH_MB = 256  # how far any case may take the child's resident memory above its imports' footprint
 SECONDS = 5.0
 
 
@@ -24,5 +25,5 @@ def test_mutated_samples_never_end_a_run_escape_the_count_or_blow_up_memory(tmp_
     assert not failures, f"{len(failures)} cases failed ({outcomes}); the first: {list(failures.items())[:5]}"
     # the mutator reaches both sides: samples that still decode, and damage the decoder counts
     assert outcomes["ok"] > CASES // 10 and outcomes["counted"] > CASES // 10, outcomes
-    peak_kib = max(int(line) for line in peaks.read_text().split())
-    assert peak_kib < PEAK_MB * 1024, f"a child reached {peak_kib / 1024:.0f} MB resident"
+    growth_kib = max(int(line) for line in peaks.read_text().split())
+    assert growth_kib < GROWTH_MB * 1024, f"a case took its child {growth_kib / 1024:.0f} MB above its imports"
