@@ -112,6 +112,7 @@ def balance(
     word: bool = False,
     keep_unmatched: bool = False,
     workers: int = 2,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """MetaCLIP's balancing: count each entry's matches in the captions, then keep a sample if any of
     its entries' draws succeeds, each with probability min(1, t / count) (`drawn`: a tail entry's
@@ -121,7 +122,7 @@ def balance(
         raise DataError("--t: a positive count per entry")
     entries = tuple(read_entries(concepts))
     shards = source_shards(src)
-    out = prepare_output(src, dst)
+    out = prepare_output(src, dst, overwrite=overwrite)
     before: Counter = Counter()
     samples = unmatched = 0
     with pool(workers, _build_matcher, (entries,)) as p:

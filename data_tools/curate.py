@@ -83,14 +83,18 @@ def source_shards(src: str) -> list[Shard]:
     return shards
 
 
-def prepare_output(src: str, dst: str | Path) -> Path:
-    """An output directory for a curated copy: never the source, never someone else's shards."""
+def prepare_output(src: str, dst: str | Path, *, overwrite: bool = False) -> Path:
+    """An output directory for a curated copy: never the source, never someone else's shards, and an
+    earlier curation's output only with `overwrite`."""
     out = Path(dst)
     if "://" not in src and not src.startswith("pipe:") and out.resolve() == Path(src).resolve():
         raise DataError(f"the output {dst} is the source: curation never modifies its input")
     if out.exists() and any(out.glob("*.tar")):
         if not (out / REPORT).exists():
             raise DataError(f"{dst} holds shards contrastive-data did not write: choose an empty directory")
+        if not overwrite:
+            made = json.loads((out / REPORT).read_text()).get("command", "contrastive-data")
+            raise DataError(f"{dst} holds the output of an earlier `{made}`: choose another directory, or --overwrite")
         for old in out.glob("*.tar"):
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)

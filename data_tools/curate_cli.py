@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 
 def curation(sub) -> None:
     workers = {"type": int, "default": 2, "help": "processes, one shard each (the output does not depend on it)"}
+    overwrite = {"action": "store_true", "help": "replace what an earlier curation command wrote there"}
     score = sub.add_parser("score", help="each sample's cosine score per modality pair, from a model")
     score.add_argument("source")
     score.add_argument("--model", required=True, help="an export, a checkpoint or run dir, or open_clip:NAME:TAG")
@@ -23,10 +25,16 @@ def curation(sub) -> None:
     filt.add_argument("source")
     filt.add_argument("out_dir")
     filt.add_argument("--scores", required=True, help="the --out of `score`")
-    filt.add_argument("--keep", action="append", default=[], help="PAIR>=VALUE, e.g. 'image-text>=0.28'")
+    filt.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        help="PAIR>=VALUE, e.g. 'image-text>=0.7': a value on the scoring model's scale (`score` prints it)",
+    )
     filt.add_argument("--top", action="append", default=[], help="[PAIR:]SHARE, e.g. 70%%: the best-scored share")
     filt.add_argument("--missing", choices=["keep", "drop"], default="keep", help="samples without the pair's score")
     filt.add_argument("--workers", **workers)
+    filt.add_argument("--overwrite", **overwrite)
 
     bal = sub.add_parser("balance", help="cap each concept entry's samples at about t (MetaCLIP)")
     bal.add_argument("source")
@@ -37,14 +45,22 @@ def curation(sub) -> None:
     bal.add_argument("--word", action="store_true", help="match whole words only (default: substrings, as MetaCLIP)")
     bal.add_argument("--keep-unmatched", action="store_true", help="keep samples that match no entry")
     bal.add_argument("--workers", **workers)
+    bal.add_argument("--overwrite", **overwrite)
 
     dd = sub.add_parser("dedup", help="duplicates within a set and leaks of evaluation sets into it")
     dd.add_argument("source")
     dd.add_argument("--against", nargs="*", default=[], help="evaluation sets that must not leak into the source")
     dd.add_argument("--model", help="an export etc.: near copies by embedding (without: exact copies only)")
     dd.add_argument("--modality", default="image", help="what a copy is judged on (default: image)")
-    dd.add_argument("--threshold", type=float, default=0.95, help="cosine from which two samples are copies")
+    dd.add_argument(
+        "--threshold",
+        type=float,
+        help="cosine of the judged modality's embeddings from which two samples are near copies (default 0.999; "
+        "it belongs to the model: a model that tells little apart puts whole classes above 0.95)",
+    )
     dd.add_argument("--out", help="write a copy without the duplicates and leaks here")
+    dd.add_argument("--work", type=Path, help="scratch for the embeddings (default: a temporary directory)")
+    dd.add_argument("--overwrite", **overwrite)
     dd.add_argument("--report", type=Path, help="the report's path (default: OUT/curation.json, else printed)")
     dd.add_argument("--workers", **workers)
 
@@ -58,6 +74,7 @@ def curation(sub) -> None:
     pol.add_argument("--leaks", type=int, default=20, help="samples of --against copied in")
     pol.add_argument("--shard-size", type=int, default=400)
     pol.add_argument("--seed", type=int, default=0)
+    pol.add_argument("--overwrite", **overwrite)
 
 
 def run_score(args: argparse.Namespace, start: float) -> int:
@@ -73,11 +90,26 @@ def run_score(args: argparse.Namespace, start: float) -> int:
     return 0
 
 
+# what to look at when a command drops most of a set
+LOOK_AT = {
+    "filter": "the conditions: a threshold belongs to the model that scored (the scores' range is above, "
+    "their histogram in filter.png)",
+    "balance": "--t, samples kept per concept entry (balance.png shows each entry before and after)",
+    "dedup": "--threshold: with a model that tells little apart, whole classes embed above it (dedup.png)",
+}
+
+
 def curated(report: dict, out_dir: str, start: float) -> int:
     total = report["kept"] + report["dropped"]
     print(f"{report['command']}: kept {report['kept']} of {total} samples -> {out_dir} ({time.time() - start:.0f} s)")
     for name, error in report["broken_shards"].items():
         print(f"  broken shard {name}: kept what came before the damage: {error}")
+    if report["dropped"] > total / 2:
+        print(
+            f"warning: {report['command']} dropped {report['dropped']} of {total} samples "
+            f"({report['dropped'] / total:.0%}), more than half the set; check {LOOK_AT[report['command']]}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -92,8 +124,13 @@ def run_filter(args: argparse.Namespace, start: float) -> int:
         top=args.top,
         missing=args.missing,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
     print("conditions: " + ", ".join(report["conditions"]))
+    for pair, s in report["scores"].items():
+        if s["samples"]:
+            q = s["quantiles"]
+            print(f"{pair} scores: min {s['min']:.3f}, 10% {q['10%']:.3f}, median {q['50%']:.3f}, max {s['max']:.3f}")
     return curated(report, args.out_dir, start)
 
 
@@ -109,6 +146,7 @@ def run_balance(args: argparse.Namespace, start: float) -> int:
         word=args.word,
         keep_unmatched=args.keep_unmatched,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
     head = ", ".join(f"{e} {c['before']}->{c['after']}" for e, c in list(report["per_entry"].items())[:5])
     print(
@@ -128,7 +166,9 @@ def run_dedup(args: argparse.Namespace, start: float) -> int:
         modality=args.modality,
         threshold=args.threshold,
         out=args.out,
+        work=args.work,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
     if args.report:
         args.report.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
@@ -156,6 +196,7 @@ def run_pollute(args: argparse.Namespace, start: float) -> int:
         leaks=args.leaks,
         shard_size=args.shard_size,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     print(
         f"{planted['samples']} samples in {args.out_dir}: planted {len(planted['mismatched'])} mismatched captions, "

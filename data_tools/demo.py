@@ -183,8 +183,9 @@ def write_split(samples: list[dict], out_dir: Path, prefix: str, shard_size: int
 def build_demo(
     out_dir: str | Path, *, seed: int = 0, copies: int = 2, shard_size: int = 400, max_images: int = 0
 ) -> dict[str, int]:
-    """Writes `out_dir/train` and `out_dir/heldout`; returns their sample counts. `max_images` caps
-    the training images (the held-out split gets a quarter as many) for quick test sets."""
+    """Writes `out_dir/train` and `out_dir/heldout`, and beside them `entries.txt` (the digits' names,
+    one a line) and `seven.png` (a held-out image); returns the splits' sample counts. `max_images`
+    caps the training images (the held-out split gets a quarter as many) for quick test sets."""
     from sklearn.datasets import load_digits
 
     out_dir = Path(out_dir)
@@ -225,4 +226,9 @@ def build_demo(
             shard_size,
         ),
     }
+    # what the README's examples read besides the shards: the concept entries `balance` caps (the
+    # digits' names), and a held-out picture to search with
+    (out_dir / "entries.txt").write_text("\n".join(WORDS) + "\n")
+    seven = next((i for i in held_idx if digits.target[i] == 7), held_idx[0])
+    (out_dir / "seven.png").write_bytes(encode_image(digits.images[seven], "png"))
     return counts

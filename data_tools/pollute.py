@@ -15,6 +15,7 @@ from contrastive.data_tools.curate import (
     caption_of,
     content_of,
     prepare_output,
+    save_figure,
     source_shards,
 )
 from contrastive.modalities import MODALITIES
@@ -42,6 +43,7 @@ def pollute(
     leaks: int = 20,
     shard_size: int = 400,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """A copy of `src` with planted problems, listed in DST/planted.json: captions swapped for another
     label's (`mismatch` of the captioned samples), exact copies and near copies (the image nudged) of
@@ -51,7 +53,7 @@ def pollute(
     rng = random.Random(seed)
     shards = source_shards(src)
     samples = [s for shard in shards for s in iter_tar_samples(shard.path)]
-    out = prepare_output(src, dst)
+    out = prepare_output(src, dst, overwrite=overwrite)
     label = [json.loads(s["json"])["label"] if "json" in s else None for s in samples]
     captioned = [i for i, s in enumerate(samples) if caption_of(s) is not None and label[i] is not None]
     swapped = set(rng.sample(captioned, int(mismatch * len(captioned))))
@@ -89,4 +91,20 @@ def pollute(
     planted["samples"] = len(samples)
     (out / "planted.json").write_text(json.dumps(planted, indent=1, sort_keys=True) + "\n")
     (out / REPORT).write_text(json.dumps({"command": "pollute", "source": redact(src)}, indent=1) + "\n")
+    plot_planted(planted, out / "pollute.png")
     return planted
+
+
+def plot_planted(planted: dict[str, Any], path: Path) -> None:
+    """How many of each problem were planted, among how many samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ["mismatched", "duplicates", "near_duplicates", "leaks"]
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.barh(kinds, [len(planted[k]) for k in kinds], color="#c0392b")
+    ax.set_title(f"planted among {planted['samples']} samples")
+    ax.invert_yaxis()
+    save_figure(fig, path)

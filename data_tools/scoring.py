@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from contrastive.data.shards import DataError
-from contrastive.data.storage import redact
+from contrastive.data.storage import basename, redact
 from contrastive.data_tools.curate import (
     copy_kept,
     embed_set,
@@ -96,6 +96,8 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     return {
         "samples": len(values),
         "mean": round(float(np.mean(values)), 6),
+        "min": round(float(np.min(values)), 6),
+        "max": round(float(np.max(values)), 6),
         "quantiles": {p: round(float(v), 6) for p, v in zip(("1%", "10%", "25%", "50%", "75%", "90%", "99%"), q)},
     }
 
@@ -175,9 +177,12 @@ def filter_set(
     top: Sequence[str] = (),
     missing: str = "keep",
     workers: int = 2,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """A copy of `src` with the samples that meet every condition. A sample without a score for a
-    condition's pair (it lacks a modality, or it did not decode) is kept or dropped by `missing`."""
+    condition's pair (it lacks a modality, or it did not decode) is kept or dropped by `missing`. The
+    report holds the distribution of each pair's scores it filtered on (a threshold belongs to the
+    model that scored: one model's cosines may all lie above another's threshold)."""
     if missing not in ("keep", "drop"):
         raise DataError(f"--missing: keep or drop, not {missing!r}")
     scores = load_scores(scores_dir)
@@ -186,7 +191,7 @@ def filter_set(
     unscored = [s.name for s in shards if s.name not in scores]
     if unscored:
         raise DataError(f"{len(unscored)} shards have no scores (first: {unscored[0]}): score {redact(src)} first")
-    out = prepare_output(src, dst)
+    out = prepare_output(src, dst, overwrite=overwrite)
 
     def passes(sample_scores: dict[str, float]) -> bool:
         for pair, op, value in rules:
@@ -210,11 +215,17 @@ def filter_set(
                 values.setdefault(pair, []).append(v)
     thresholds = {pair: value for pair, op, value in rules if op in (">=", ">")}
     plot_scores(values, thresholds, out / "filter.png")
+    distribution = {pair: summary(v) for pair, v in values.items()}
     return finish_output(
         out,
         "filter",
         written,
-        {"source": redact(src), "conditions": [f"{p}{op}{v:.6g}" for p, op, v in rules], "missing": missing},
+        {
+            "source": redact(src),
+            "conditions": [f"{p}{op}{v:.6g}" for p, op, v in rules],
+            "missing": missing,
+            "scores": distribution,
+        },
     )
 
 
@@ -225,7 +236,7 @@ def _copy_scored(location: str, out: str, drop: frozenset[str], scored: frozense
             return missing == "keep"
         return key not in drop
 
-    return copy_kept(location, Path(out) / Path(location).name, keep)
+    return copy_kept(location, Path(out) / basename(location), keep)
 
 
 def write_filtered(shards, out, scores, drop, missing, workers) -> list[dict]:

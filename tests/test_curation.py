@@ -66,7 +66,8 @@ def test_dedup_finds_every_planted_copy_and_leak_the_same_with_1_and_4_workers(p
             *("--threshold", "0.99", "--out", str(out), "--workers", str(workers)),
         )
         outputs.append(tree(out))
-    assert outputs[0] == outputs[1] and len(outputs[0]) >= 3  # shards, sizes.json, curation.json
+    assert outputs[0] == outputs[1] and len(outputs[0]) >= 4  # shards, sizes.json, curation.json, dedup.png
+    assert not list((tmp / "dedup-1").glob("dedup-work*")), "no scratch left in the output set"
     assert tree(tmp / "polluted") == source, "the source is never modified"
     report = json.loads((tmp / "dedup-1" / "curation.json").read_text())
     found = pairs_found(report["duplicates"])
@@ -121,6 +122,36 @@ def test_score_then_filter_keeps_the_top_share_and_reads_http_as_local(polluted)
     assert bad.returncode == 2 and "no scores for the pair image-txt" in bad.stderr
     same = run_cli(*filt, str(tmp / "polluted"), *top, check=False)
     assert same.returncode == 2 and "curation never modifies its input" in same.stderr
+    again = run_cli(*filt, str(out), *top, check=False)  # a second filter into the first one's output
+    assert again.returncode == 2 and "holds the output of an earlier `filter`" in again.stderr
+    assert "--overwrite" in again.stderr and tree(out, "*.tar") == tree(remote, "*.tar")
+    highest = max(with_pair)
+    strict = run_cli(*filt, str(out), "--scores", str(scores), "--keep", f"image-text>{highest}", "--overwrite")
+    assert "image-text scores: min " in strict.stdout  # the distribution the condition cuts into
+    assert "warning: filter dropped" in strict.stderr and "more than half the set" in strict.stderr
+
+
+def test_dedup_keeps_an_image_seen_with_two_clips_and_pollute_draws(polluted, demo_data, tmp_path):
+    """The demo pairs each image with two spoken clips: two pairs, no copy. At the default threshold
+    the trained model keeps the clean set whole (a weak model puts a digit's images within 0.95)."""
+    tmp, planted = polluted
+    from contrastive.data.sources import iter_tar_samples
+
+    samples = [s for shard in sorted((demo_data / "train").glob("*.tar")) for s in iter_tar_samples(str(shard))]
+    clips = [s["flac"] for s in samples if "flac" in s]
+    with ShardWriter(tmp_path / "two-clips", prefix="pairs", max_count=40) as writer:
+        for i, s in enumerate(samples):
+            writer.write(s)
+            if "flac" in s:  # the same image again, with another sample's clip
+                writer.write({**s, "__key__": s["__key__"] + "_b", "flac": clips[(i + 7) % len(clips)]})
+    out = tmp_path / "deduped"
+    proc = run_cli(
+        "contrastive-data", "dedup", str(tmp_path / "two-clips"), "--model", str(tmp / "run"), "--out", str(out)
+    )
+    report = json.loads((out / "curation.json").read_text())
+    assert report["dropped"] <= 0.05 * report["samples"], report["counts"]
+    assert "warning" not in proc.stderr and (out / "dedup.png").stat().st_size > 0
+    assert (tmp / "polluted" / "pollute.png").stat().st_size > 0
 
 
 def skewed_set(directory: Path, entries: list[str], seed: int = 0) -> None:
