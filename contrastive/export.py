@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -243,19 +244,71 @@ HUB_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 
 def export_hub(export_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """An export's image and text towers in open_clip's `hf-hub:` layout: `open_clip_config.json`,
-    `open_clip_model.safetensors` and a model card (README.md) with open_clip's front matter and our
-    card's evaluation table. Uploaded as it is (`huggingface-cli upload ORG/NAME OUT`), it loads
-    with `open_clip.create_model_and_transforms("hf-hub:ORG/NAME")`."""
+    `open_clip_model.safetensors` and a model card (README.md) with open_clip's front matter, the
+    image and text towers' settings and their headline figures. Uploaded as it is (`hf upload
+    ORG/NAME OUT`), it loads with `open_clip.create_model_and_transforms("hf-hub:ORG/NAME")`."""
     export, out = Path(export_dir), Path(out_dir)
     if not (export / "open_clip" / HUB_FILES[1]).exists():
         raise ValueError(f"{export} has no image and text towers: open_clip's hub layout holds those two")
     out.mkdir(parents=True, exist_ok=True)
     for name in HUB_FILES:
         (out / name).write_bytes((export / "open_clip" / name).read_bytes())
+    (out / "README.md").write_text(hub_card(json.loads((export / CONFIG).read_text())))
+    return out
+
+
+def headline(metrics: Mapping[str, float], modalities: set[str] | None = None) -> list[str]:
+    """The evaluation's headline figures as a markdown table, one row a direction: zero-shot top-1 and
+    top-5, retrieval R@1/R@5/R@10 (every figure stays in config.json). `modalities`: only directions
+    between these."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        found = re.fullmatch(r"(?:(\w+)/)?(zero_shot|retrieval)/(\w+)->(\w+)/(acc|top5|R@1|R@5|R@10)", key)
+        if found and (modalities is None or {found.group(3), found.group(4)} <= modalities):
+            where = f"{found.group(1)}: " if found.group(1) else ""
+            name = f"{where}{found.group(2).replace('_', '-')} {found.group(3)}->{found.group(4)}"
+            rows.setdefault(name, {})[found.group(5)] = value
+    columns = ["acc", "top5", "R@1", "R@5", "R@10"]
+    shown = [c for c in columns if any(c in r for r in rows.values())]
+    if not rows:
+        return []
+    head = ["| | " + " | ".join({"acc": "top-1", "top5": "top-5"}.get(c, c) for c in shown) + " |"]
+    head.append("|---|" + "---|" * len(shown))
+    body = [
+        f"| {n} | " + " | ".join(f"{r[c]:.1%}" if c in r else "" for c in shown) + " |" for n, r in sorted(rows.items())
+    ]
+    return head + body
+
+
+def hub_card(config: Mapping[str, Any]) -> str:
+    """The model card of the hub layout: what the folder holds (the image and text towers) and how
+    open_clip loads it."""
     front = "---\nlibrary_name: open_clip\npipeline_tag: zero-shot-image-classification\n"
     front += "tags:\n- clip\n- contrastive\n---\n\n"
-    (out / "README.md").write_text(front + (export / "README.md").read_text())
-    return out
+    towers = ("image", "text")
+    lines = [
+        "# contrastive model: image and text towers",
+        "",
+        "Trained with contrastive; the image and text towers in open_clip's layout.",
+        "",
+        "```python",
+        "import open_clip",
+        'model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:ORG/NAME")',
+        'tokenizer = open_clip.get_tokenizer("hf-hub:ORG/NAME")',
+        "```",
+        "",
+        f"Embedding size: {config['embed_dim']}."
+        + (
+            ""
+            if set(config["modalities"]) <= set(towers)
+            else f" The run trained {', '.join(config['modalities'])}: the other towers are in its full export"
+            " (`contrastive.load_pretrained(export_dir)`), not in this folder."
+        ),  # fmt: skip
+    ]
+    table = headline(config.get("metrics", {}), set(towers))
+    if table:
+        lines += ["", "## Evaluation", "", *table]
+    return front + "\n".join(lines) + "\n"
 
 
 def model_card(config: Mapping[str, Any]) -> str:
@@ -285,7 +338,7 @@ def model_card(config: Mapping[str, Any]) -> str:
         lines += ["", "Logit scales: " + ", ".join(f"{k} {v:.2f}" for k, v in config["logit_scale"].items())]
     lines += ["", "## Training", ""]
     lines += [f"- {k}: {v}" for k, v in sorted(info.items())] or ["- (no information recorded)"]
-    if metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    table = headline(metrics)
+    if table:
+        lines += ["", "## Evaluation", "", *table, "", "Every figure of the evaluation is in config.json (`metrics`)."]
     return "\n".join(lines) + "\n"

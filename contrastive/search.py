@@ -122,7 +122,7 @@ def build_index(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, *, exact
         faiss.write_index(index, str(out / f"{modality}.faiss"))
         (out / f"{modality}.rows.json").write_text(json.dumps([number[k] for k in keys]))
         info["modalities"][modality] = {"rows": len(keys), "kind": kind, **params}
-        log.info("%s: %d rows, %s", modality, len(keys), kind)
+        log.debug("%s: %d rows, %s", modality, len(keys), kind)  # the command prints it
     # local shards by absolute path: the index is served from anywhere
     located = [s.path if "://" in s.path or s.path.startswith("pipe:") else os.path.abspath(s.path) for s in shards]
     (out / "samples.json").write_text(json.dumps({"shards": located, "samples": table}))

@@ -160,6 +160,10 @@ def test_the_hub_layout_loads_through_open_clips_hf_hub_offline(demo_run, tmp_pa
     assert files == ["README.md", "open_clip_config.json", "open_clip_model.safetensors"]
     card = (tmp_path / "hub" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: open_clip\n") and "image->text" in card
+    # what the folder holds, and how open_clip loads it: no snippet for files it lacks, no audio tower
+    assert "load_pretrained('.')" not in card and 'create_model_and_transforms("hf-hub:' in card
+    evaluation = card.split("## Evaluation")[-1]
+    assert "audio" not in evaluation and evaluation.count("\n|") < 12, evaluation  # headline figures only
     snapshot = tmp_path / "cache" / "models--contrastive--demo" / "snapshots" / ("ab" * 20)
     snapshot.mkdir(parents=True)
     (snapshot.parents[1] / "refs").mkdir()

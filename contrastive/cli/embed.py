@@ -166,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU instructions its loader picked
     return {"embed": embed, "search": search, "index": index, "serve": serve}[args.command](args)
 
 

@@ -4,7 +4,7 @@ contrastive-export runs/demo/checkpoints/latest-or-step_dir runs/demo/export
 contrastive-export runs/demo runs/demo/export          # the run's latest checkpoint
 contrastive-export runs/demo s3://bucket/models/demo   # to object storage (any fsspec URL)
 contrastive-export runs/demo runs/demo/hub --hub       # open_clip's hf-hub: layout (image and text towers)
-    huggingface-cli upload ORG/NAME runs/demo/hub      # then: open_clip.create_model_and_transforms("hf-hub:ORG/NAME")
+    hf upload ORG/NAME runs/demo/hub      # then: open_clip.create_model_and_transforms("hf-hub:ORG/NAME")
 """
 
 from __future__ import annotations
