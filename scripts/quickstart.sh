@@ -12,8 +12,9 @@ bash scripts/install.sh
 
 run=runs/demo-$(date +%Y%m%d-%H%M%S)
 .venv/bin/contrastive-train experiment=demo hydra.run.dir="$run" "$@"
+ln -sfn "$(basename "$run")" runs/demo  # the README's examples read the latest run as runs/demo
 echo
 echo "== the exported model, loaded again and evaluated on the held-out split =="
 .venv/bin/contrastive-eval "$run/export" --data data/demo/heldout --json "$run/eval.json"
 echo
-echo "run directory: $run  (config.yaml, metrics.jsonl, checkpoints/, export/, eval.json)"
+echo "run directory: $run, also runs/demo  (config.yaml, metrics.jsonl, checkpoints/, export/, eval.json)"

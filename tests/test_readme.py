@@ -80,6 +80,8 @@ def _invocations(line: int, text: str) -> list[tuple[int, str, list[str]]]:
     if not any(t in text for t in TOOLS) or "<" in text or "..." in text:
         return []  # no command, or a shape with placeholders (`<export|checkpoint>`, `...`)
     words = shell_words(text)
+    if words and words[-1] == "&":  # run in the background: the command is the same
+        words = words[:-1]
     for i, word in enumerate(words):
         tool = next((t for t in TOOLS if word.endswith(t) or word == f"$(which {t})"), None)
         if tool is not None and (i == 0 or "=" not in word):
@@ -178,3 +180,74 @@ OVERRIDES = override_examples()
 @pytest.mark.parametrize("line,overrides", OVERRIDES, ids=[f"README:{line}" for line, _ in OVERRIDES])
 def test_every_override_in_the_readmes_tables_composes(line, overrides, tmp_path):
     check_training_overrides(["experiment=demo", *overrides], tmp_path)
+
+
+RUN_MARK = "<!-- test_readme: run -->"
+
+
+def runnable_blocks() -> list[tuple[int, str]]:
+    """(README line, text) of each command block marked to be run as written."""
+    lines = README.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.strip() == RUN_MARK:
+            assert lines[i + 1].strip() in ("```bash", "```sh"), f"README:{i + 1}: the mark precedes no command block"
+            end = next(j for j in range(i + 2, len(lines)) if lines[j].startswith("```"))
+            found.append((i + 3, "\n".join(lines[i + 2 : end])))
+    return found
+
+
+@pytest.fixture(scope="module")
+def quickstart_layout(demo_data, tmp_path_factory):
+    """A directory as the quickstart leaves it: data/demo (here the suite's small demo set, with its
+    entries.txt and seven.png) and runs/demo (the latest run, its export inside)."""
+    from conftest import run_cli, tiny_overrides
+
+    root = tmp_path_factory.mktemp("readme-layout")
+    (root / "data").mkdir()
+    (root / "data" / "demo").symlink_to(demo_data)
+    run_dir = root / "runs" / "demo-20261204-120000"
+    run_cli("contrastive-train", *tiny_overrides(demo_data, run_dir), "trainer.max_steps=30", "data.batch_size=32")
+    (root / "runs" / "demo").symlink_to(run_dir.name)
+    return root
+
+
+def test_the_readmes_curation_export_and_search_examples_run_as_written(quickstart_layout, tmp_path):
+    """Every marked block, as written, in the directory the quickstart leaves (only the service's
+    port changed, and each contrastive-* tool run as the suite runs it)."""
+    import os
+    import subprocess
+
+    from conftest import BIN, tool
+    from servers import free_port
+
+    blocks = runnable_blocks()
+    assert len(blocks) >= 3 and any("contrastive-data dedup" in b for _, b in blocks)
+    port = str(free_port())
+    tools = tmp_path / "bin"  # each tool as the suite runs it, under its own name (`cmd &` is its process)
+    tools.mkdir()
+    for name in ("contrastive-data", "contrastive-embed", "contrastive-export", "contrastive-eval"):
+        (tools / name).write_text(f'#!/bin/sh\nexec {" ".join(tool(name))} "$@"\n')
+        (tools / name).chmod(0o755)
+    lines = ["set -euo pipefail", "trap 'kill ${SERVING:-} 2>/dev/null || true' EXIT"]
+    for line, block in blocks:
+        lines.append(f"echo '== README:{line}'")
+        for command in block.replace("8000", port).splitlines():
+            lines.append(command)
+            if command.startswith("contrastive-embed serve"):  # ready before the queries, stopped at the end
+                wait = f"for i in $(seq 120); do curl -sf 127.0.0.1:{port}/api/info >/dev/null && break; sleep 1; done"
+                lines += ["SERVING=$!", wait]
+    proc = subprocess.run(
+        ["bash", "-c", "\n".join(lines)],
+        cwd=quickstart_layout,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PATH": f"{tools}:{BIN}:{os.environ['PATH']}"},
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count('"results"') == 2, proc.stdout[-2000:]  # both queries answered
+    for made in ("data/demo-scores/score.json", "data/demo-top/curation.json", "data/demo-balanced/balance.png",
+                 "data/demo-deduped/dedup.png", "data/demo-polluted/pollute.png", "runs/demo/hub/README.md",
+                 "data/demo-idx/index.json"):  # fmt: skip
+        assert (quickstart_layout / made).exists(), made
