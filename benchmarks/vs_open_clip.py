@@ -207,8 +207,7 @@ def run_open_clip(
         str(common["betas"][1]),
         "--eps",
         str(common["eps"]),
-        "--grad-clip-norm",
-        str(common["grad_clip"]),
+        *(["--grad-clip-norm", str(common["grad_clip"])] if common["grad_clip"] else []),  # 0: its default, none
         "--logs",
         str(run_dir),
         "--precision",
