@@ -55,6 +55,7 @@ class ContrastiveModel(nn.Module):
         Floating inputs take the tower's dtype (bf16/fp16 towers under DeepSpeed's mixed precision);
         the normalisation runs in fp32, as autocast runs it, so the loss sees unrounded directions."""
         encoder = self.encoders[name]
+        inputs = self.modalities[name].on_device(inputs)
         if inputs.is_floating_point():
             inputs = inputs.to(next(encoder.parameters()).dtype)
         raw = encoder(inputs).float()

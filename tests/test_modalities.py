@@ -41,8 +41,9 @@ def test_image_decodes_every_format(fmt, ext):
     image = build_modality("image", **TINY["image"])
     decoded = image.decode(image_bytes(fmt), ext)
     assert decoded.size == (40, 30) and decoded.mode == "RGB"
-    x = image.preprocess(decoded, train=False)
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    x = image.preprocess(decoded, train=False)  # pixels: normalised where the tower runs
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(image.on_device(x[None])[0], image.transform(False)(decoded))  # open_clip's, exactly
 
 
 @pytest.mark.parametrize("size", [(40, 30), (32, 32), (20, 90)])
@@ -67,7 +68,7 @@ def test_image_training_preprocess_is_open_clips_transform(size, monkeypatch):
     for box in ours[:20]:
         monkeypatch.setattr(image, "crop_box", lambda w, h, box=box: box)
         expected = normalize(to_tensor(TF.resized_crop(img, *box, crop.size, crop.interpolation, antialias=True)))
-        assert torch.equal(image.preprocess(img, train=True), expected)
+        assert torch.equal(image.on_device(image.preprocess(img, train=True)[None])[0], expected)
 
 
 def test_image_rejects_corrupt_bytes():

@@ -83,6 +83,12 @@ class Modality(ABC):
     def empty(self) -> torch.Tensor:
         """Input for a row that lacks this modality; its embedding is masked out of every loss."""
 
+    def on_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A batch of `preprocess`'s outputs, on the model's device, as the tower takes it: the last
+        arithmetic of preprocessing may be left to here, so that what travels from the loader to
+        the device is small (images as bytes, normalised on the GPU)."""
+        return inputs
+
     @abstractmethod
     def build_encoder(self, embed_dim: int) -> nn.Module:
         """The tower: a batch of inputs -> [batch, embed_dim] (before L2 normalisation)."""

@@ -1,4 +1,10 @@
-"""Images: Pillow decoding, open_clip's preprocessing, and open_clip's vision transformer."""
+"""Images: Pillow decoding, open_clip's preprocessing, and open_clip's vision transformer.
+
+`preprocess` ends at the pixels: a uint8 [3, H, W] tensor, the crop or resize open_clip's transform
+makes, and `on_device` does what its ToTensor and Normalize would (to float, / 255, - mean, / std)
+on the batch where the tower runs: a quarter of the bytes from the loader workers to the trainer
+and on to the GPU, and the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ class Image(Modality):
         if self.open_clip:
             self._follow_open_clip()
         self._transforms = {}  # train flag -> transform, built on first use
-        self._mean_std = (torch.tensor(self.mean).view(-1, 1, 1), torch.tensor(self.std).view(-1, 1, 1))
+        self._mean_std = {}  # device -> (mean, std), [3, 1, 1] each
 
     def _follow_open_clip(self) -> None:
         """Sizes and preprocessing from open_clip's config of the name and the tag's, so that the
@@ -98,7 +104,8 @@ class Image(Modality):
         return super().load(item)
 
     def transform(self, train: bool):
-        """open_clip's own image transform for this size and normalisation (what `preprocess` computes)."""
+        """open_clip's own image transform for this size and normalisation (what `preprocess` and
+        `on_device` compute together)."""
         if train not in self._transforms:
             from open_clip.transform import AugmentationCfg, image_transform
 
@@ -119,8 +126,12 @@ class Image(Modality):
         from one random draw instead of ~8 one-element tensors, then Pillow's crop and bicubic resize
         and ToTensor + Normalize's arithmetic, all as torchvision does them (same pixels for the same
         crop; tests/test_modalities.py compares the two)."""
-        if not train:
-            return self.transform(False)(value)
+        if not train:  # open_clip's evaluation transform up to its ToTensor (resize, crop, RGB)
+            for step in self.transform(False).transforms:
+                if type(step).__name__ in ("MaybeToTensor", "ToTensor"):
+                    break
+                value = step(value)
+            return self.to_tensor(value)
         if value.mode != "RGB":
             value = value.convert("RGB")
         top, left, height, width = self.crop_box(value.width, value.height)
@@ -154,14 +165,33 @@ class Image(Modality):
         return (height - h) // 2, (width - w) // 2, h, w
 
     def to_tensor(self, value: PILImage.Image) -> torch.Tensor:
-        """ToTensor then Normalize, the same operations on the same dtypes."""
-        mean, std = self._mean_std
+        """The RGB pixels as uint8 [3, H, W] (ToTensor's layout; its arithmetic is `on_device`'s)."""
+        if value.mode != "RGB":
+            value = value.convert("RGB")
         pixels = torch.frombuffer(bytearray(value.tobytes()), dtype=torch.uint8)
-        x = pixels.view(value.height, value.width, 3).permute(2, 0, 1).contiguous().float().div(255)
-        return x.sub_(mean).div_(std)
+        return pixels.view(value.height, value.width, 3).permute(2, 0, 1).contiguous()
+
+    def on_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """ToTensor then Normalize on a uint8 batch, the same operations on the same dtypes; a float
+        batch (already normalised: a user's own tensors) passes as it is."""
+        if inputs.dtype != torch.uint8:
+            return inputs
+        if inputs.device not in self._mean_std:
+            shape = (-1, 1, 1)
+            self._mean_std[inputs.device] = (
+                torch.tensor(self.mean, device=inputs.device).view(shape),
+                torch.tensor(self.std, device=inputs.device).view(shape),
+            )
+        mean, std = self._mean_std[inputs.device]
+        return inputs.float().div(255).sub_(mean).div_(std)
 
     def empty(self) -> torch.Tensor:
-        return torch.zeros(3, self.image_size, self.image_size)
+        return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_mean_std"] = {}  # device tensors stay in this process (spawned loader workers get none)
+        return state
 
     @cached_property
     def open_clip_vision_cfg(self) -> dict[str, Any]:
