@@ -41,8 +41,11 @@ class Progress:
         bar: bool = True,
         enabled: bool = True,
         terminal: bool | None = None,
+        measured_peak: bool = False,
     ):
         self.total, self.world_size = total_steps, world_size
+        # a peak measured by this process (a CPU's matmul), not a datasheet's: the MFU is relative to it
+        self.mfu_mark = "~" if measured_peak else ""
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         terminal = sys.stdout.isatty() if terminal is None else terminal
         self.bar = None
@@ -89,7 +92,7 @@ class Progress:
         eta = elapsed / done * (self.total - step) if done else float("nan")
         if self.lines:
             pairs = ", ".join(f"{k.removeprefix('loss/')} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
-            mfu = f"MFU {figures['mfu']:.1%}" if figures["mfu"] == figures["mfu"] else "MFU -"
+            mfu = f"MFU {self.mfu_mark}{figures['mfu']:.1%}" if figures["mfu"] == figures["mfu"] else "MFU -"
             # what the network and the data cost so far: retried reads, broken shards (their warnings
             # stop after the first few)
             data = "".join(

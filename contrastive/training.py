@@ -250,6 +250,7 @@ def train(run: Run, state: TrainState) -> TrainState:
         peak_flops=peak,
         bar=trainer.progress,
         enabled=dist.is_main,
+        measured_peak=peak_source.startswith("measured"),
     )
     stream = batches(run.train_set, state.position, pin_memory=dist.device.type == "cuda")
     loop_hooks = hooks(run, state.step)
