@@ -173,17 +173,11 @@ def test_the_service_guards_its_hosts_its_forms_and_its_memory(service):
     assert peak_kib(proc.pid) - before < 100 * 1024, "the upload was decoded whole"
 
 
-@pytest.mark.skipif(
-    not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (scripts/install.sh)"
-)
-def test_the_page_shows_result_cards_in_a_real_browser(service, tmp_path):
+def chromium():
+    """Debian's chromium, headless, through its WebDriver."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ready
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    url, _, _ = service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -194,7 +188,19 @@ def test_the_page_shows_result_cards_in_a_real_browser(service, tmp_path):
         "--window-size=1100,900",
     ):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(DRIVER), options=options)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (scripts/install.sh)"
+)
+def test_the_page_shows_result_cards_in_a_real_browser(service, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, _, _ = service
+    browser = chromium()
     try:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)
@@ -208,7 +214,9 @@ def test_the_page_shows_result_cards_in_a_real_browser(service, tmp_path):
         cards = browser.find_elements(By.CSS_SELECTOR, ".card")
         assert len(cards) == 8
         wait.until(
-            lambda b: b.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            lambda b: b.execute_script(
+                "return [...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
         )
         assert all(c.find_elements(By.TAG_NAME, "img") and c.find_elements(By.TAG_NAME, "audio") for c in cards)
         labels = [c.find_element(By.CLASS_NAME, "label").text for c in cards]
@@ -217,9 +225,54 @@ def test_the_page_shows_result_cards_in_a_real_browser(service, tmp_path):
         out = Path(os.environ.get("CONTRASTIVE_TEST_ARTIFACTS", tmp_path))
         out.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(out / "search-page.png"))
+        # "show" runs the same query again, shown as the other modality: each card leads with a clip
+        Select(browser.find_element(By.ID, "modality")).select_by_value("audio")
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "audio results"))
+        first = browser.find_element(By.CSS_SELECTOR, ".card > *")
+        assert first.tag_name == "audio"
+        # the query is in the URL: a reload (or a shared link) gives the same search
+        assert "q=the+digit+seven" in browser.current_url and "show=audio" in browser.current_url
+        browser.refresh()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "8 audio results"))
+        assert browser.find_element(By.ID, "query").get_attribute("value") == "the digit seven"
+        assert browser.find_element(By.ID, "modality").get_attribute("value") == "audio"
+        # an error clears the results it would stand beside, and speaks of the input
         browser.find_element(By.ID, "query").clear()
         browser.find_element(By.ID, "query").send_keys(" ")
         browser.find_element(By.ID, "go").click()
         wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "the query is empty"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".card")
+        assert "/" not in browser.find_element(By.ID, "info").text  # no server path shown
     finally:
         browser.quit()
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (scripts/install.sh)"
+)
+def test_the_page_says_so_when_the_server_is_gone(service):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, _, tmp = service
+    port = free_port()
+    own = subprocess.Popen(
+        [str(BIN / "contrastive-embed"), "serve", str(tmp / "idx"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    browser = chromium()
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/api/info", own, timeout=180)
+        browser.get(f"http://127.0.0.1:{port}/?q=the+digit+seven&show=image&k=4")
+        wait = WebDriverWait(browser, 60)
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "4 image results"))
+        own.terminate()
+        own.wait(timeout=30)
+        browser.find_element(By.ID, "go").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "the server did not answer"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".card")
+    finally:
+        browser.quit()
+        own.kill()
