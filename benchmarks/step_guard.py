@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
 from synthetic import shards_stage  # noqa: E402
-from vs_open_clip import COMMON, CONFIGS  # noqa: E402
+from vs_open_clip import COMMON, CONFIGS, ours_overrides, run_open_clip  # noqa: E402
 
 SITE = REPO / ".open-clip-site"  # webdataset 0.2.86 and pandas for open_clip_train (ignored by git)
 
@@ -44,41 +43,15 @@ def open_clip_site() -> Path:
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--target",
              str(SITE), "webdataset==0.2.86", "pandas", "python-dateutil", "pytz", "tzdata"],
-            check=True,
+            check=True, stderr=subprocess.DEVNULL,  # pip's notes on the machine's optional local indexes
         )  # fmt: skip
     return SITE
 
 
 def ours(data: Path, run_dir: Path, steps: int, seed: int, tree: Path, log_every: int) -> list[float]:
     """Each logging window's mean step time (s) of contrastive-train from the checkout `tree`."""
-    cfg = CONFIGS["tiny"]
-    v, t = cfg["vision"], cfg["text"]
-    args = [
-        "modalities=[image,text]",
-        "model=tiny",
-        f"model.embed_dim={cfg['embed_dim']}",
-        f"data.train={data}",
-        "data.eval=null",
-        "export=false",
-        f"trainer.max_steps={steps}",
-        f"data.batch_size={COMMON['batch_size']}",
-        f"data.num_workers={COMMON['workers']}",
-        f"trainer.threads={COMMON['threads']}",
-        f"trainer.log_every={log_every}",
-        f"optim.optimizer.lr={cfg['lr']}",
-        f"optim.optimizer.weight_decay={COMMON['weight_decay']}",
-        f"optim.optimizer.betas=[{COMMON['betas'][0]},{COMMON['betas'][1]}]",
-        f"optim.optimizer.eps={COMMON['eps']}",
-        "optim.no_decay=[logit_scale]",
-        f"optim.scheduler.warmup_steps={COMMON['warmup']}",
-        f"optim.grad_clip={COMMON['grad_clip']}",
-        "trainer.progress=false",
-        f"hydra.run.dir={run_dir}",
-        f"modality.image.image_size={cfg['image_size']}",
-        *[f"modality.image.{k}={x}" for k, x in v.items()],
-        *[f"modality.text.{k}={x}" for k, x in t.items()],
-        f"trainer.seed={seed}",
-    ]
+    cfg = {**CONFIGS["tiny"], "steps": steps}
+    args = [*ours_overrides(cfg, data, run_dir, seed, "fp32", log_every), "export=false"]
     env = {**os.environ, "OMP_NUM_THREADS": str(COMMON["threads"]), "PYTHONPATH": str(tree)}
     proc = subprocess.run(
         [sys.executable, "-m", "contrastive.cli.train", *args], cwd=tree, capture_output=True, text=True, env=env
@@ -91,32 +64,12 @@ def ours(data: Path, run_dir: Path, steps: int, seed: int, tree: Path, log_every
 
 def theirs(data: Path, run_dir: Path, steps: int, seed: int, log_every: int) -> list[float]:
     """Each logging window's mean step time (s) of open_clip_train.main on the same shards."""
-    cfg = CONFIGS["tiny"]
-    model_dir = run_dir / "model"
-    model_dir.mkdir(parents=True)
-    model_cfg = {"embed_dim": cfg["embed_dim"], "vision_cfg": {"image_size": cfg["image_size"], **cfg["vision"]}}
-    model_cfg["text_cfg"] = cfg["text"]
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-    shards = sorted(data.glob("*.tar"))
-    c = COMMON
-    args = [
-        "--train-data", f"{data}/it-{{000000..{len(shards) - 1:06d}}}.tar", "--dataset-type", "webdataset",
-        "--dataset-resampled", "--train-num-samples", str(steps * c["batch_size"]), "--batch-size",
-        str(c["batch_size"]), "--epochs", "1", "--workers", str(c["workers"]), "--model", f"local-dir:{model_dir}",
-        "--lr", str(cfg["lr"]), "--wd", str(c["weight_decay"]), "--warmup", str(c["warmup"]),
-        "--beta1", str(c["betas"][0]), "--beta2", str(c["betas"][1]), "--eps", str(c["eps"]),
-        "--grad-clip-norm", str(c["grad_clip"]), "--precision", "fp32", "--log-every-n-steps", str(log_every),
-        "--save-frequency", "0", "--logs", str(run_dir), "--name", "run", "--seed", str(seed), "--device", "cpu",
-        "--report-to", "",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(c["threads"]), "PYTHONPATH": str(open_clip_site())}
-    proc = subprocess.run(
-        [sys.executable, "-m", "open_clip_train.main", *args], cwd=run_dir, capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"open_clip_train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    log = (run_dir / "run" / "out.log").read_text()
-    return [float(x) for x in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
+    cfg = {**CONFIGS["tiny"], "steps": steps}
+    run = run_open_clip(
+        Path(sys.executable), cfg, data, run_dir, seed, "fp32", log_every=log_every,
+        env={"PYTHONPATH": str(open_clip_site())}, save=False,
+    )  # fmt: skip
+    return run["step_times"]
 
 
 def main() -> None:

@@ -123,9 +123,10 @@ def image_text_shards(
     return paths
 
 
-def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precision: str) -> dict:
+def ours_overrides(cfg: dict, data: Path, run_dir: Path, seed: int, precision: str, log_every: int = 1) -> list[str]:
+    """contrastive-train's overrides for `cfg`'s towers and COMMON's recipe (open_clip's side's)."""
     v, t = cfg["vision"], cfg["text"]
-    args = [
+    return [
         "modalities=[image,text]",
         "model=tiny",
         f"model.embed_dim={cfg['embed_dim']}",
@@ -135,7 +136,7 @@ def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precisi
         f"data.batch_size={COMMON['batch_size']}",
         f"data.num_workers={COMMON['workers']}",
         f"trainer.threads={COMMON['threads']}",
-        "trainer.log_every=1",
+        f"trainer.log_every={log_every}",
         f"optim.optimizer.lr={cfg['lr']}",
         f"optim.optimizer.weight_decay={COMMON['weight_decay']}",
         f"optim.optimizer.betas=[{COMMON['betas'][0]},{COMMON['betas'][1]}]",
@@ -153,6 +154,10 @@ def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precisi
         f"trainer.seed={seed}",
         f"trainer.precision={precision}",
     ]
+
+
+def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precision: str) -> dict:
+    args = ours_overrides(cfg, data, run_dir, seed, precision)
     subprocess.run(
         [str(REPO / ".venv/bin/contrastive-train"), *args],
         check=True,
@@ -165,8 +170,20 @@ def run_ours(name: str, cfg: dict, data: Path, run_dir: Path, seed: int, precisi
 
 
 def run_open_clip(
-    python: Path, cfg: dict, data: Path, run_dir: Path, seed: int, precision: str, common: dict = COMMON
+    python: Path,
+    cfg: dict,
+    data: Path,
+    run_dir: Path,
+    seed: int,
+    precision: str,
+    common: dict = COMMON,
+    *,
+    log_every: int = 1,
+    env: dict | None = None,
+    save: bool = True,
 ) -> dict:
+    """open_clip_train.main with `python` (its step times, and its checkpoint where `save`); `env`
+    added to the environment (a PYTHONPATH with its webdataset)."""
     model_dir = run_dir / "model"
     model_dir.mkdir(parents=True)
     model_cfg = {
@@ -215,9 +232,9 @@ def run_open_clip(
         "--name",
         "run",
         "--log-every-n-steps",
-        "1",
+        str(log_every),
         "--save-frequency",
-        "1",
+        str(int(save)),
         "--seed",
         str(seed),
         "--device",
@@ -228,7 +245,7 @@ def run_open_clip(
         capture_output=True,
         text=True,
         cwd=run_dir,
-        env={**os.environ, "OMP_NUM_THREADS": str(common["threads"])},
+        env={**os.environ, "OMP_NUM_THREADS": str(common["threads"]), **(env or {})},
     )
     if out.returncode != 0:
         raise RuntimeError(f"open_clip_train failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
