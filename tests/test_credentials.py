@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from contrastive.credentials import REDACTED, find_secrets, redact, redact_location
+from contrastive.data.sources import iter_tar_samples
+from contrastive.modalities.image import Image
 
 from conftest import run_cli, tiny_overrides
 from servers import http_server
@@ -176,7 +179,7 @@ def test_a_credential_from_the_environment_is_used_and_never_written(demo_data, 
             "embed",
             str(tmp_path / "exported"),
             "--data",
-            f"pipe:curl -s -f -H 'Authorization: Bearer $SHARD_TOKEN' {shards}",
+            f'pipe:curl -s -f -H "Authorization: Bearer $SHARD_TOKEN" {shards}',  # double quotes: expanded
             "--out",
             str(tmp_path / "emb"),
             env=env,
@@ -189,5 +192,11 @@ def test_a_credential_from_the_environment_is_used_and_never_written(demo_data, 
     assert "${oc.env:SHARD_TOKEN}" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the reference, kept
     assert files_holding(run_dir, TOKEN) == [] and files_holding(tmp_path / "exported", TOKEN) == []
     assert TOKEN not in proc.stdout + proc.stderr
-    assert len(list((tmp_path / "emb").glob("*.image.npy"))) == 4  # each shard its own file
+    embeddings = sorted((tmp_path / "emb").glob("*.image.npy"))
+    assert len(embeddings) == 4  # each shard its own file, each holding its samples (read through curl)
+    with_image = [
+        sum(bool(set(Image.extensions) & set(s)) for s in iter_tar_samples(str(demo_data / f"train/train-{i:06d}.tar")))
+        for i in range(4)
+    ]
+    assert [len(np.load(f)) for f in embeddings] == with_image
     assert files_holding(tmp_path / "emb", TOKEN) == [] and TOKEN not in embedded.stdout + embedded.stderr

@@ -3,12 +3,15 @@ completes, the kind's counter holds the right count, and every valid sample is d
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from contrastive.data import ShardDataset, load_sources, make_loader
 from contrastive.data.checks import check_bad_fraction
@@ -149,3 +152,34 @@ def test_bad_fraction_stops_with_the_worst_shards(tmp_path):
     with pytest.raises(DataError, match=r"part-000001.tar \(4\), part-000002.tar \(1\)"):
         check_bad_fraction(counts, max_fraction=0.2, min_slots=10)
     check_bad_fraction(counts, max_fraction=0.2, min_slots=100)  # too early to judge
+
+
+def test_a_long_clip_is_decoded_from_its_window_and_a_shard_cut_since_is_a_counted_skip(tmp_path):
+    """Training reads a long clip's window from the shard file (tar.Span), not the whole member;
+    a shard cut short between listing and decoding counts the clip as bad audio, the caption kept."""
+    from contrastive.data.decode import BatchDecoder
+    from contrastive.data.sources import iter_tar_samples
+    from contrastive.data.tar import Span
+
+    from pathological import looped_flac
+
+    flac = looped_flac(120, seed=1)  # 1.4 MB: over tar.LAZY_OVER
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("c0.flac", flac), ("c0.txt", b"tone"), ("c1.flac", flac), ("c1.txt", b"tone")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "clips.tar"
+    path.write_bytes(buf.getvalue())
+    samples = list(iter_tar_samples(str(path), lazy_over=1 << 20))
+    assert all(isinstance(s["flac"], Span) for s in samples)
+    decoder = BatchDecoder(tiny_modalities(("audio", "text")), train=True, seed=0, epoch=0)
+    counts: Counter = Counter()
+    row, _, _ = decoder.decode_sample(samples[0], counts)
+    whole, _, _ = decoder.decode_sample({**samples[0], "flac": flac}, counts)  # the same clip, as bytes
+    assert torch.equal(row["audio"], whole["audio"]) and not counts
+    with open(path, "r+b") as out:
+        out.truncate(len(flac) // 2)
+    row, _, _ = decoder.decode_sample(samples[1], counts)
+    assert set(row) == {"text"} and counts == Counter({"bad/audio": 1})

@@ -105,3 +105,40 @@ def test_bad_archives_raise_read_error(tmp_path):
         with pytest.raises(tarfile.ReadError):
             list(iter_tar_members(str(path)))
             pytest.fail(what)
+
+
+def test_a_large_member_of_a_local_shard_is_a_span_read_when_asked(tmp_path):
+    import pickle
+
+    from contrastive.data.tar import Span
+
+    big = bytes(range(256)) * 8192  # 2 MiB
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [("a.flac", big), ("a.txt", b"small"), ("b.flac", big[::-1] + b"odd")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "x.tar").write_bytes(buf.getvalue())
+    (tmp_path / "x.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+    expected = [("a.flac", big), ("a.txt", b"small"), ("b.flac", big[::-1] + b"odd")]
+
+    members = list(iter_tar_members(str(tmp_path / "x.tar"), lazy_over=1 << 20))
+    assert [type(c) for _, c in members] == [Span, bytes, Span]
+    assert [(n, bytes(c)) for n, c in members] == expected
+    assert [len(c) for _, c in members] == [len(d) for _, d in expected]
+    f = members[2][1].open()  # read as a file: seek and read where a decoder wants
+    f.seek(-3, io.SEEK_END)
+    assert f.read() == b"odd" and f.tell() == len(expected[2][1])
+    f.seek(10)
+    assert f.read(4) == expected[2][1][10:14]
+    assert pickle.loads(pickle.dumps(members[0][1])) == big  # another process gets the bytes
+    # without lazy_over, and in a compressed shard (no file offsets to point at), every member is read
+    for path, lazy in (("x.tar", 0), ("x.tar.gz", 1 << 20)):
+        assert list(iter_tar_members(str(tmp_path / path), lazy_over=lazy)) == expected
+
+    # the file cut short after it was listed: reading the span is an error, not short bytes
+    with open(tmp_path / "x.tar", "r+b") as out:
+        out.truncate(len(buf.getvalue()) // 2)
+    with pytest.raises(OSError, match="cut short"):
+        bytes(members[2][1])

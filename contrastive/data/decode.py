@@ -136,12 +136,13 @@ class BatchDecoder:
                 if len(sample["json"]) > MAX_JSON_BYTES:
                     counts["refused/json/too_large"] += 1
                     raise ValueError(f"metadata of {len(sample['json'])} bytes, over {MAX_JSON_BYTES}")
-                fields = json.loads(sample["json"].decode("utf-8"))
+                fields = json.loads(bytes(sample["json"]).decode("utf-8"))
                 if isinstance(fields, dict):
                     meta = {k: None if fields.get(k) is None else str(fields[k]) for k in ("label", "group")}
             if meta["label"] is None and "cls" in sample:  # a class index, named by the set's classnames
-                meta["label"] = str(int(sample["cls"].decode("utf-8").strip()))
-        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack allows
+                meta["label"] = str(int(bytes(sample["cls"]).decode("utf-8").strip()))
+        # RecursionError: nested deeper than Python's stack allows; OSError: a shard cut short since listed
+        except (ValueError, RecursionError, OSError) as e:
             counts["bad/json"] += 1
             if isinstance(e, RecursionError):
                 counts["refused/json/too_deep"] += 1
@@ -163,7 +164,8 @@ class BatchDecoder:
             for name, ext in present.items():
                 modality = self.modalities[name]
                 try:
-                    value = modality.decode(sample[ext], ext)
+                    data = sample[ext] if modality.reads_spans else bytes(sample[ext])  # bytes(bytes) is no copy
+                    value = modality.decode(data, ext)
                     values = modality.alternatives(value) if self.eval_inputs else [value]
                     views = modality.views(values[0]) if self.eval_inputs else values[:1]
                     row[name] = modality.preprocess(views[0], train=self.train)

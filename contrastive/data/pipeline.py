@@ -39,6 +39,7 @@ from contrastive.data.sources import (
     whole_shards,
 )
 from contrastive.data.storage import STORAGE_OPTIONS, configure_storage
+from contrastive.data.tar import LAZY_OVER
 from contrastive.modalities.base import Modality
 from contrastive.preemption import ignore_in_worker
 
@@ -184,41 +185,24 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def slots(self, stream: int, epoch: int) -> Iterator[dict[str, Any]]:
         worker = self.rank * self.num_workers + stream
+        # a large member of a local shard is read when decoded, if a modality reads it by parts
+        lazy_over = LAZY_OVER if any(m.reads_spans for m in self.modalities.values()) else 0
+        read = {"prefetch_bytes": self.prefetch_bytes, "max_member": self.max_member_bytes, "lazy_over": lazy_over}
         if self.streamed:
-            return whole_shards(
-                self.sources,
-                worker=worker,
-                workers=self.global_workers,
-                prefetch_bytes=self.prefetch_bytes,
-                max_member=self.max_member_bytes,
-            )
+            return whole_shards(self.sources, worker=worker, workers=self.global_workers, **read)
         total = self.epoch_total(epoch)
         lo, hi = span(total, worker, self.global_workers)
         if self.resampled:
             depth = f"/{len(self.plan)}" if epoch == self.epoch and self.plan else ""  # fresh draws for the rest
             rng = random.Random(f"resampled/{self.seed}/{epoch}/{worker}{depth}")
-            return resampled_slots(
-                self.sources,
-                rng=rng,
-                count=hi - lo,
-                prefetch_bytes=self.prefetch_bytes,
-                max_member=self.max_member_bytes,
-            )
+            return resampled_slots(self.sources, rng=rng, count=hi - lo, **read)
         if epoch == self.epoch and self.plan:
             shards = [s for src in self.sources for s in src.shards]
             ordered = epoch_order(shards, seed=self.seed, epoch=epoch, shuffle=self.train)
             mine = elastic.segments(ordered, elastic.take(self._remaining(), lo, hi))
-            return read_segments(mine, prefetch_bytes=self.prefetch_bytes, max_member=self.max_member_bytes)
-        return exact_slots(
-            self.sources,
-            seed=self.seed,
-            epoch=epoch,
-            shuffle=self.train,
-            worker=worker,
-            workers=self.global_workers,
-            prefetch_bytes=self.prefetch_bytes,
-            max_member=self.max_member_bytes,
-        )
+            return read_segments(mine, **read)
+        order = {"seed": self.seed, "epoch": epoch, "shuffle": self.train}
+        return exact_slots(self.sources, **order, worker=worker, workers=self.global_workers, **read)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

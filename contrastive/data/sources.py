@@ -59,11 +59,11 @@ def load_sources(spec: Any, *, num_samples: int = 0, count: bool = True) -> list
     return sources
 
 
-def iter_tar_samples(source: Any, *, max_member: int = MAX_MEMBER) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(source: Any, *, max_member: int = MAX_MEMBER, lazy_over: int = 0) -> Iterator[dict[str, Any]]:
     """Samples of one tar in order (a location or an open stream): members sharing a key, grouped
-    (`__key__`, ext -> bytes)."""
+    (`__key__`, ext -> bytes, or a tar.Span for a member over `lazy_over` bytes of a local file)."""
     current: dict[str, Any] | None = None
-    for name, content in iter_tar_members(source, max_member=max_member):
+    for name, content in iter_tar_members(source, max_member=max_member, lazy_over=lazy_over):
         key, ext = sample_key(name)
         if key is None:
             continue
@@ -78,7 +78,11 @@ def iter_tar_samples(source: Any, *, max_member: int = MAX_MEMBER) -> Iterator[d
 
 
 def read_segments(
-    segments: Sequence[Segment], *, prefetch_bytes: int = 64 << 20, max_member: int = MAX_MEMBER
+    segments: Sequence[Segment],
+    *,
+    prefetch_bytes: int = 64 << 20,
+    max_member: int = MAX_MEMBER,
+    lazy_over: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Exactly `count` slots per segment (count None: every sample the shard holds, and one error slot
     if it breaks): the shard's samples (from `start`, those in `keep` where given), then error slots
@@ -87,7 +91,8 @@ def read_segments(
     reported on the segment's last slot (`__extra__`) rather than silently never read. Remote shards
     are streamed, the next ones read ahead (at most `prefetch_bytes`); the retries their reading took
     are reported on the next slot (`__retries__`). No member larger than `max_member` is read: a
-    header claiming one makes its shard broken (see contrastive.data.tar)."""
+    header claiming one makes its shard broken (see contrastive.data.tar); one over `lazy_over` in a
+    local shard is a tar.Span, read when it is decoded."""
     retries: deque = deque()  # one entry per retry, appended by the reading thread
     streams = prefetched(
         [segment[0].path for segment in segments], prefetch_bytes=prefetch_bytes, on_retry=lambda: retries.append(1)
@@ -99,11 +104,13 @@ def read_segments(
         return slot
 
     for segment, (_, stream) in zip(segments, streams):
-        for slot in segment_slots(segment, stream, retries, max_member=max_member):
+        for slot in segment_slots(segment, stream, retries, max_member=max_member, lazy_over=lazy_over):
             yield tagged(slot)
 
 
-def segment_slots(segment: Segment, stream: Any, retries: deque, *, max_member: int) -> Iterator[dict[str, Any]]:
+def segment_slots(
+    segment: Segment, stream: Any, retries: deque, *, max_member: int, lazy_over: int = 0
+) -> Iterator[dict[str, Any]]:
     """The slots of one segment (see read_segments) from `stream`, its shard's bytes. A shard whose
     object changed while it was read (storage.ObjectChanged) is read again from its first byte, the
     samples parsed so far skipped: whole samples of the new version, never two versions' bytes joined."""
@@ -115,7 +122,7 @@ def segment_slots(segment: Segment, stream: Any, retries: deque, *, max_member: 
     while True:
         try:
             with stream:
-                for index, sample in enumerate(iter_tar_samples(stream, max_member=max_member)):
+                for index, sample in enumerate(iter_tar_samples(stream, max_member=max_member, lazy_over=lazy_over)):
                     if index < seen:
                         continue
                     seen = index + 1
@@ -197,15 +204,12 @@ def exact_slots(
     shuffle: bool,
     worker: int,
     workers: int,
-    prefetch_bytes: int = 64 << 20,
-    max_member: int = MAX_MEMBER,
+    **read: Any,
 ) -> Iterator[dict[str, Any]]:
-    """One pass over every sample of every source, this worker's span of it."""
+    """One pass over every sample of every source, this worker's span of it (`read`: read_segments')."""
     shards = [s for src in sources for s in src.shards]
     ordered = epoch_order(shards, seed=seed, epoch=epoch, shuffle=shuffle)
-    return read_segments(
-        worker_segments(ordered, worker, workers), prefetch_bytes=prefetch_bytes, max_member=max_member
-    )
+    return read_segments(worker_segments(ordered, worker, workers), **read)
 
 
 def resampled_slots(
@@ -213,11 +217,10 @@ def resampled_slots(
     *,
     rng: random.Random,
     count: int,
-    prefetch_bytes: int = 64 << 20,
-    max_member: int = MAX_MEMBER,
+    **read: Any,
 ) -> Iterator[dict[str, Any]]:
     """`count` slots, each from a source drawn by weight; within a source, shards are drawn with
-    replacement (in proportion to their sample counts) and read to their end."""
+    replacement (in proportion to their sample counts) and read to their end (`read`: read_segments')."""
     weights = [s.weight for s in sources]
     open_shards: dict[int, Iterator[dict[str, Any]]] = {}
     for _ in range(count):
@@ -228,9 +231,7 @@ def resampled_slots(
                 if not shards:
                     raise DataError(f"data: {sources[i].path} holds no samples")
                 shard = rng.choices(shards, weights=[s.samples for s in shards])[0]
-                open_shards[i] = read_segments(
-                    [(shard, 0, shard.samples, None)], prefetch_bytes=prefetch_bytes, max_member=max_member
-                )
+                open_shards[i] = read_segments([(shard, 0, shard.samples, None)], **read)
             slot = next(open_shards[i], None)
             if slot is not None:
                 yield slot

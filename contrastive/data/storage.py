@@ -306,6 +306,10 @@ class ShardStream(io.RawIOBase):
             self._at += len(skipped)
         # in pieces: a connection that breaks mid-read loses at most the piece in flight, not all of `n`
         data = self._raw.read(min(n, PIECE))
+        if not data and hasattr(self._raw, "wait_for_child"):
+            # a pipe's end: its command's exit status, waited for (webdataset only polls, and a command
+            # that failed may not have been reaped yet, so that its failure would read as a short shard)
+            self._raw.wait_for_child()
         self._at += len(data)
         return data
 

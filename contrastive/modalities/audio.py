@@ -47,6 +47,7 @@ from contrastive.modalities.base import Modality, Refused, register_modality
 @dataclass
 class Audio(Modality):
     extensions = ("flac", "wav", "mp3", "ogg")
+    reads_spans = True  # a long clip's window is read by seeking: the rest of the file is never read
     # The head projects into the shared space: a checkpoint of another model may leave it to start fresh.
     fresh_keys = ("head.weight", "head.bias")
 
@@ -94,7 +95,7 @@ class Audio(Modality):
 
     def decode(self, data: bytes, extension: str) -> "AudioFile":
         """The file's header, checked; its samples are read by `views` and `preprocess`, window by window."""
-        with soundfile.SoundFile(io.BytesIO(data)) as f:
+        with soundfile.SoundFile(_opened(data)) as f:
             rate, frames, channels, seekable = f.samplerate, f.frames, f.channels, f.seekable()
         if not 0 < rate <= self.max_rate or not 0 < channels <= self.max_channels:
             raise Refused(
@@ -285,7 +286,7 @@ class AudioFile:
     """An audio file whose header has been read and checked, its samples not yet: `read` decodes the
     frames a window needs, seeking to them."""
 
-    data: bytes
+    data: Any  # bytes, or the member unread (contrastive.data.tar.Span: `open()` reads it as a file)
     rate: int
     frames: int
     channels: int
@@ -293,13 +294,18 @@ class AudioFile:
     def read(self, start: int, count: int) -> np.ndarray:
         """[frames, channels] float32 from frame `start`: `count` of them, or what the file holds (a
         truncated file may hold fewer than its header says; none at all is an error)."""
-        with soundfile.SoundFile(io.BytesIO(self.data)) as f:
+        with soundfile.SoundFile(_opened(self.data)) as f:
             if start:
                 f.seek(start)
             wave = f.read(count, dtype="float32", always_2d=True)
         if not len(wave):
             raise ValueError(f"audio: no samples at {start / self.rate:.2f} s (a truncated file)")
         return wave
+
+
+def _opened(data: Any) -> io.RawIOBase | io.BytesIO:
+    """A file of a member's bytes, or of a member unread (a Span: see Modality.reads_spans)."""
+    return io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.open()
 
 
 def _square(tokens: int, what: str) -> tuple[int, int]:

@@ -50,6 +50,9 @@ class Modality(ABC):
     extensions: ClassVar[tuple[str, ...]]
     # Tower keys that may start fresh when its weights come from another model (a new head).
     fresh_keys: ClassVar[tuple[str, ...]] = ()
+    # True: `decode` also takes a large member of a local shard unread (a contrastive.data.tar.Span,
+    # whose `open()` reads it as a file), for a decoder that needs only part of it
+    reads_spans: ClassVar[bool] = False
 
     @abstractmethod
     def decode(self, data: bytes, extension: str) -> Any:
