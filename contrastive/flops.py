@@ -59,8 +59,14 @@ def measured_cpu_peak(
     """FLOP/s of a matrix multiply in `dtype` with this process's threads (the practical CPU peak): the
     best of `trials` short trials, so that a moment of load elsewhere lowers it less. Still a
     measurement: a CPU busy with other work for all of them gives a peak the run can exceed."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    while True:  # a size of which a trial holds at least one product: emulated bf16 (a CPU without
+        # bf16 instructions) takes ~1 s for one product at 1024, against ~20 ms for fp32
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        start = time.perf_counter()
+        a @ b
+        if n <= 128 or time.perf_counter() - start <= seconds / trials:
+            break
+        n //= 2
     best = 0.0
     for _ in range(trials):
         count, start = 0, time.perf_counter()
