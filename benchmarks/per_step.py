@@ -6,6 +6,7 @@ alone, and once with all of them; open_clip's trainer with its own defaults.
     .venv/bin/python benchmarks/per_step.py                       # 770 steps, seeds 0 1 2 (~2 h)
     .venv/bin/python benchmarks/per_step.py --steps 300 --seeds 0 --variants ours "no clipping"
     .venv/bin/python benchmarks/per_step.py --resume              # finished runs kept (--out)
+    .venv/bin/python benchmarks/per_step.py --set demo --variants ours "no clipping"   # the quickstart
 
 The differences (open_clip_train 3.3's choices against our defaults):
 - clipping: ours clips the global gradient norm at 1.0 (`optim.grad_clip`), open_clip only when
@@ -15,6 +16,8 @@ The differences (open_clip_train 3.3's choices against our defaults):
 - shuffling: ours keeps a buffer of 1,000 samples (`data.shuffle_buffer`), open_clip's grows from
   1,000 to 5,000 (and shuffles shards with a buffer of 2,000): `data.shuffle_buffer=5000`.
 Equal steps make the comparison independent of the machine's speed (each run one thread, seeded).
+`--set demo` trains the quickstart's recipe instead (`experiment=demo`: image, audio and text, 800
+steps), our variants only (open_clip's trainer has no audio tower), with distill.py's figures.
 Figures: quality.py's (seen concepts' new views: zero-shot, R@1 both ways, R@10; unseen zero-shot),
 mean and half the range over the seeds. The last line is one JSON object with every run's figures.
 """
@@ -25,9 +28,10 @@ import argparse
 import json
 from pathlib import Path
 
+import distill
 import quality
 import vs_open_clip
-from common import REPO, data_set
+from common import REPO, data_set, demo_figures, table
 
 VARIANTS = {
     "ours": [],
@@ -41,13 +45,17 @@ OPEN_CLIP_DEFAULTS = {**quality.OPEN_CLIP_COMMON, "grad_clip": 0.0}  # open_clip
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=770, help="steps of every run (quality.py's image-text runs)")
+    parser.add_argument("--set", choices=["emoji", "demo"], default="emoji", help="the task (see above)")
+    parser.add_argument("--steps", type=int, help="steps of every run (default: quality.py's 770; the demo's 800)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-open-clip", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep every finished run of --out")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "per-step")
     args = parser.parse_args()
+    args.steps = args.steps or (800 if args.set == "demo" else 770)
+    if args.set == "demo":
+        return demo(args)
     data = data_set("emoji")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in args.variants}
     python = it_data = None
@@ -81,6 +89,22 @@ def main() -> None:
         line, table[name] = quality.summary_line(name, found, args.steps)
         print(line)
     print(json.dumps({"steps": args.steps, "seeds": args.seeds, "summary": table, "runs": results}))
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Our variants on the quickstart's recipe (its threads and workers), a seed at a time."""
+    data = data_set("demo")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in args.variants}
+    for seed in args.seeds:
+        for name in args.variants:
+            run_dir = args.out / f"demo-{name.replace(' ', '-').replace(chr(39), '')}-{seed}"
+            found = quality.finished(run_dir, args.resume) or demo_figures(
+                data / "train", data / "heldout", run_dir, args.steps, seed, distill.FIGURES, *VARIANTS[name]
+            )
+            results[name].append(quality.keep(run_dir, found))
+            print(f"{name:18s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in found.items()), flush=True)
+    summary = table(results, distill.FIGURES, "variant")
+    print(json.dumps({"set": "demo", "steps": args.steps, "seeds": args.seeds, "summary": summary, "runs": results}))
 
 
 if __name__ == "__main__":
