@@ -98,7 +98,7 @@ def deepspeed_config(
     micro_batch_size: int,
     world_size: int,
     precision: str = "fp32",
-    grad_clip: float = 1.0,
+    grad_clip: float = 0.0,
     accumulate: int = 1,
     load_universal: bool = False,
 ) -> dict[str, Any]:

@@ -21,7 +21,9 @@ class OptimConfig:
 
     optimizer: Any = MISSING  # _target_ + _partial_: called with the parameter groups
     scheduler: Any = None  # _target_ + _partial_: called with (optimizer, total_steps=...)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # max global grad norm; 0 (open_clip's and DeepSpeed's default) clips nothing. At 1.0 it clipped
+    # nearly every step of the emoji runs (norms ~5) and cost seen R@1 (benchmarks/README.md, per step)
+    grad_clip: float = 0.0
     # names (substrings) of parameters without weight decay, beside every bias and norm
     no_decay: List[str] = field(default_factory=lambda: list(NO_DECAY_NAMES))
 

@@ -255,7 +255,9 @@ def _steps_read_back(precision: str, stage: int, fused: bool) -> dict:
     opt, _ = build_optimizer(
         objective, optimizer=lambda g: torch.optim.AdamW(g, lr=1e-3, fused=fused), scheduler=None, total_steps=10
     )
-    config = deepspeed_config(EngineConfig(zero_stage=stage), micro_batch_size=4, world_size=1, precision=precision)
+    config = deepspeed_config(  # clipping on: its norm and scale must stay on the device too
+        EngineConfig(zero_stage=stage), micro_batch_size=4, world_size=1, precision=precision, grad_clip=1.0
+    )
     engine = Engine(objective, opt, None, config)
     ones = torch.ones(4, dtype=torch.bool)
 
