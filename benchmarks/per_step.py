@@ -42,7 +42,7 @@ VARIANTS = {
     "shuffle 5000": ["data.shuffle_buffer=5000"],
     "open_clip's choices": ["optim.no_decay=[logit_scale]", "data.shuffle_buffer=5000"],  # and no clipping
 }
-OPEN_CLIP_DEFAULTS = {**quality.OPEN_CLIP_COMMON, "grad_clip": 0.0}  # open_clip_train as users run it
+OPEN_CLIP_DEFAULTS = quality.OPEN_CLIP_COMMON  # open_clip_train as users run it: no clipping
 
 
 def main() -> None:

@@ -65,7 +65,8 @@ OPEN_CLIP_CFG = {
     "text": dict(context_length=32, width=64, heads=2, layers=2),
     "lr": 2e-3,
 }
-OPEN_CLIP_COMMON = {**vs_open_clip.COMMON, "batch_size": BATCH, "threads": 1, "workers": 1}
+# each trainer with its own default clipping (none, both): vs_open_clip.py clips both at 1.0
+OPEN_CLIP_COMMON = {**vs_open_clip.COMMON, "batch_size": BATCH, "threads": 1, "workers": 1, "grad_clip": 0.0}
 
 
 def recipes(teacher_features: Path | None, steps: int) -> dict[str, list[str]]:

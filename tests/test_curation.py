@@ -50,6 +50,7 @@ def polluted(demo_data, tmp_path_factory):
         *tiny_overrides(demo_data, tmp / "run", f"data.train={tmp / 'polluted'}", "data.eval=null"),
         "trainer.max_steps=30",
         "data.batch_size=32",
+        "optim.grad_clip=1.0",  # a 30-step scorer: clipping learns faster in a run's first ~150 steps
     )
     return tmp, planted
 

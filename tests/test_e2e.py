@@ -17,8 +17,9 @@ from conftest import read_jsonl, run_cli, tiny_overrides
 
 # Losses of steps 1-4 of `experiment=demo debug=smoke` on the small demo set (seed 0). Data, model
 # initialisation, augmentation and the order of samples are all seeded, so these only move when the
-# model, the loss, the data pipeline or the demo data change: then re-pin them, knowingly.
-PINNED_LOSSES = [9.313204, 9.163422, 8.539187, 8.227659]
+# model, the loss, the optimizer's defaults, the data pipeline or the demo data change: then re-pin
+# them, knowingly (last: no gradient clipping by default, 79fea84).
+PINNED_LOSSES = [9.313204, 9.162891, 8.542617, 8.232023]
 
 
 @pytest.fixture(scope="module")
