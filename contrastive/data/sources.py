@@ -14,8 +14,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
+from contrastive.data.prefetch import prefetched
 from contrastive.data.shards import DataError, Shard, list_shards, sample_key
-from contrastive.data.storage import ObjectChanged, open_shard, prefetched
+from contrastive.data.storage import ObjectChanged, open_shard
 from contrastive.data.tar import MAX_MEMBER, iter_tar_members
 
 MAX_RESTARTS = 2  # reads of a shard from its start again, when its object changes under the reader
