@@ -69,6 +69,18 @@ def demo_figures(train: Path, heldout: Path, run_dir: Path, steps: int, seed: in
     return {name: final[key] for name, key in figures.items()}
 
 
+def train_rows_from(tree: Path, args: list[str], run_dir: Path, env: dict | None = None) -> list[dict]:
+    """contrastive-train from the checkout `tree` (its package first on the path, this interpreter),
+    writing to `run_dir`; its metrics rows."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "contrastive.cli.train", *args], cwd=tree, capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"contrastive-train from {tree} failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def train_rows(overrides: list[str], run_dir: Path, threads: int | None = None) -> list[dict]:
     """`contrastive-train <overrides>` in a fresh `run_dir` (metrics.jsonl appends: a rerun must not
     read the last one's rows); its metrics rows. `threads` also sets OMP_NUM_THREADS."""

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import data_set
+from common import data_set, train_rows_from
 
 
 def samples_per_s(tree: Path, data: Path, run_dir: Path, steps: int) -> float:
@@ -35,13 +32,7 @@ def samples_per_s(tree: Path, data: Path, run_dir: Path, steps: int) -> float:
         "export=false",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "contrastive.cli.train", *args], cwd=tree, capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"contrastive-train from {tree} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = train_rows_from(tree, args, run_dir)
     return statistics.median([r["samples_per_s"] for r in rows if "samples_per_s" in r][1:])
 
 

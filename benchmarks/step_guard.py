@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+from common import train_rows_from  # noqa: E402
 from synthetic import shards_stage  # noqa: E402
 from vs_open_clip import COMMON, CONFIGS, ours_overrides, run_open_clip  # noqa: E402
 
@@ -52,13 +52,7 @@ def ours(data: Path, run_dir: Path, steps: int, seed: int, tree: Path, log_every
     """Each logging window's mean step time (s) of contrastive-train from the checkout `tree`."""
     cfg = {**CONFIGS["tiny"], "steps": steps}
     args = [*ours_overrides(cfg, data, run_dir, seed, "fp32", log_every), "export=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(COMMON["threads"]), "PYTHONPATH": str(tree)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "contrastive.cli.train", *args], cwd=tree, capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"contrastive-train failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = train_rows_from(tree, args, run_dir, env={"OMP_NUM_THREADS": str(COMMON["threads"])})
     return [COMMON["batch_size"] / r["samples_per_s"] for r in rows if "samples_per_s" in r]
 
 
