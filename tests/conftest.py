@@ -63,6 +63,40 @@ def script(name: str) -> list[str]:
     return [str(ZYGOTE), "run", name] if _warm() else [str(BIN / name)]
 
 
+# The files that take longest (`--durations` on a 2-core machine), started first: the suite runs on
+# two pytest workers a file at a time (scripts/test.sh), and a long file started last is a long tail.
+LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_packaging.py",
+    "test_long_work.py",
+    "test_curation.py",
+    "test_readme.py",
+    "test_ema.py",
+    "test_deepspeed.py",
+    "test_finetune.py",
+    "test_resume.py",
+    "test_remote.py",
+    "test_checkpoints.py",
+    "test_search.py",
+    "test_pretrained.py",
+    "test_elastic_resume.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        # two workers share two cores: a worker's own tensors use one thread, not two that spin-wait
+        # for a core the other worker holds (the processes the tests start choose their own)
+        torch.set_num_threads(1)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     if _WARM.get("proc") is not None:
         _WARM["proc"].terminate()
