@@ -53,7 +53,7 @@ def test_precomputed_teacher_features_give_the_live_teachers_term(demo_data, tea
         torch.manual_seed(1)  # the same projections (16 -> 24) both times
         distill = Distillation(DistillSettings(teacher=spec, kind="both"), PAIRS, 16, teacher)
         term, logs = distill(student, batch, scales)
-        terms.append((float(term), {k: float(v) for k, v in logs.items()}))
+        terms.append((term.item(), {k: float(v) for k, v in logs.items()}))
     assert terms[0][0] == pytest.approx(terms[1][0], abs=1e-5)
     for key, value in terms[0][1].items():
         assert terms[1][1][key] == pytest.approx(value, abs=1e-5), key

@@ -142,7 +142,7 @@ def test_a_tag_loads_offline_from_the_cache_and_an_empty_cache_stops_the_run(dem
     assert f"loaded ViT-B-32 weights laion2b_s34b_b79k from {tmp_path / 'hub'}" in proc.stderr
     # a released teacher's distillation targets follow its own logit scale (a pair named either way)
     taught = float(proc.stdout.split("teacher scale")[1])
-    assert taught == pytest.approx(float(clip.logit_scale.exp()), rel=1e-5) and taught == pytest.approx(97.5)
+    assert taught == pytest.approx(clip.logit_scale.exp().item(), rel=1e-5) and taught == pytest.approx(97.5)
 
     towers = [
         "modality.image.open_clip=ViT-B-32",
