@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, device: str = "cpu", init=None) -> None:
