@@ -34,7 +34,7 @@ if [ "$cmd" = stop ]; then
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)  # the machine's CPUs, as slurmd counts them, also when started under taskset
 mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
 mkdir -p "$dir"/{state,spool}
 # munged runs as user munge, which may not enter $dir (pytest's temporary directories are 0700).
