@@ -11,8 +11,7 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
-
-from servers import free_port
+from ports import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, device: str = "cpu", init=None) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 
 from contrastive.data.sources import iter_tar_samples
 
 from conftest import read_jsonl, run_cli, script, tiny_overrides
 from datasets import write_dataset
-from dist_utils import free_port
 
 STEPS = 4
 PER_RANK = 8

@@ -218,8 +218,9 @@ def test_the_readmes_curation_export_and_search_examples_run_as_written(quicksta
     import os
     import subprocess
 
+    from ports import free_port
+
     from conftest import BIN, tool
-    from servers import free_port
 
     blocks = runnable_blocks()
     assert len(blocks) >= 3 and any("contrastive-data dedup" in b for _, b in blocks)

@@ -13,12 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from contrastive.data.sources import iter_tar_samples
 
 from conftest import BIN, REPO, run_cli, tiny_overrides
 from pathological import many_channels_wav, png_claiming, silent_flac
-from servers import _wait_until_up, free_port
+from servers import _wait_until_up
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
